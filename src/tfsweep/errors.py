@@ -1,0 +1,21 @@
+"""Errors a person can act on: each carries one sentence naming what is wrong and how to fix it."""
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, reported as one line and a non-zero exit."""
+
+
+class ConfigError(UserError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class DataError(UserError):
+    """A data file is missing, corrupt, or cannot be fetched."""
+
+
+class TrackingError(UserError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged: the loss became NaN or infinite."""

@@ -1,0 +1,70 @@
+"""Hooks: what runs around the training loop, as with the Estimator's SessionRunHooks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from tfsweep.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class Hook:
+    """Override what you need. `trainer.request_stop(reason)` ends training after the current chunk."""
+
+    def begin(self, trainer: Trainer) -> None: ...
+
+    def after_log(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None: ...
+
+    def after_eval(self, trainer: Trainer, step: int, split: str, metrics: dict[str, float]) -> None: ...
+
+    def after_checkpoint(self, trainer: Trainer, step: int, path: str) -> None: ...
+
+    def end(self, trainer: Trainer, error: BaseException | None) -> None:
+        """Always called; `error` is the exception that ended training, or None."""
+
+
+class LoggingHook(Hook):
+    """The tutorial's `loss = ..., step = ...` and `global_step/sec` lines."""
+
+    def after_log(self, trainer, step, logs):
+        log.info("loss = %.6f, step = %d", logs["train/loss"], step)
+        log.info("global_step/sec: %.4g", logs["global_step_per_sec"])
+
+    def after_eval(self, trainer, step, split, metrics):
+        log.info("%s at step %d: %s", split, step,
+                 ", ".join(f"{k.split('/', 1)[1]} = {v:.4f}" for k, v in metrics.items()))
+
+
+class ProbabilitiesHook(Hook):
+    """The tutorial's LoggingTensorHook on `softmax_tensor`: the last batch's probabilities."""
+
+    def after_log(self, trainer, step, logs):
+        with np.printoptions(precision=3, suppress=True):
+            log.info("probabilities (step %d) = %s", step, trainer.last_probabilities())
+
+
+class ProgressBarHook(Hook):
+    """A progress bar over global steps, on a terminal only (logs stay clean in files and CI)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def begin(self, trainer):
+        self.bar = tqdm(total=trainer.steps, initial=trainer.start_step, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty(), leave=False)
+
+    def after_log(self, trainer, step, logs):
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+
+    def end(self, trainer, error):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,45 @@
+"""`train(cfg)`: one training run from a composed config. The entry point and the sweep both call it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tfsweep.config import validate
+from tfsweep.data import load_splits
+from tfsweep.hooks import Hook, LoggingHook, ProbabilitiesHook, ProgressBarHook
+from tfsweep.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = None,
+          run_tags: dict[str, str] | None = None) -> dict[str, float]:
+    """Train, evaluate and checkpoint as `cfg` says; return the final metrics (`val/accuracy`, ...).
+
+    `hooks` run after the built-in ones; `parent_run_id` nests the MLflow run under another one.
+    Everything that can be checked is checked before anything is written.
+    """
+    validate(cfg)
+    client = None
+    if cfg.tracking.enabled:
+        from tfsweep.tracking import connect
+
+        client = connect(cfg.tracking.uri)
+    splits = load_splits(cfg.data)
+
+    all_hooks: list[Hook] = [LoggingHook()]
+    if cfg.trainer.progress_bar:
+        all_hooks.append(ProgressBarHook())
+    if cfg.trainer.log_probabilities:
+        all_hooks.append(ProbabilitiesHook())
+    if client is not None:
+        from tfsweep.tracking import MlflowHook
+
+        all_hooks.append(MlflowHook(cfg, client, parent_run_id=parent_run_id, tags=run_tags))
+    all_hooks.extend(hooks)
+    return Trainer(cfg, splits, all_hooks).train()
