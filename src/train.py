@@ -6,9 +6,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from tfsweep.config import register_configs
+from tfsweep.config import CONFIG_DIR, register_configs
 from tfsweep.errors import UserError
-from tfsweep.training import CONFIG_DIR, train
+from tfsweep.training import train
 
 log = logging.getLogger("train")
 register_configs()

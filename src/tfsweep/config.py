@@ -8,6 +8,7 @@ only say which keys exist, their types, and which ranges are valid (checked by `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -16,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tfsweep.errors import ConfigError
 
 PRECISIONS = ("float32", "mixed_bfloat16")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @dataclass

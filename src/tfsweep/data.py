@@ -69,6 +69,7 @@ def _store(payload: bytes, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
         tmp.write(payload)
+    os.chmod(tmp.name, 0o644)  # a cache anyone on the machine may read, like a download would be
     os.replace(tmp.name, target)
 
 

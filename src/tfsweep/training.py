@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from tfsweep.config import validate
 from tfsweep.data import load_splits
+from tfsweep.errors import UserError
 from tfsweep.hooks import Hook, LoggingHook, ProbabilitiesHook, ProgressBarHook
 from tfsweep.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = None,
@@ -43,3 +41,12 @@ def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = N
         all_hooks.append(MlflowHook(cfg, client, parent_run_id=parent_run_id, tags=run_tags))
     all_hooks.extend(hooks)
     return Trainer(cfg, splits, all_hooks).train()
+
+
+def evaluate_checkpoint(cfg: DictConfig, split: str = "test") -> dict[str, float]:
+    """Restore the latest checkpoint of `cfg.trainer.model_dir` and evaluate it on `split`."""
+    validate(cfg)
+    trainer = Trainer(cfg, load_splits(cfg.data))
+    if trainer.start_step == 0:
+        raise UserError(f"trainer.model_dir={cfg.trainer.model_dir} holds no checkpoint to evaluate")
+    return trainer.evaluate(split)

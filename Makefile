@@ -1,0 +1,45 @@
+# Every target uses the project's virtual environment in .venv, creating it when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install data train test test-slow test-all sweep bench bench-quick ui clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+data: install  ## fetch and verify MNIST and Fashion-MNIST into the data cache
+	$(PY) src/fetch_data.py $(ARGS)
+
+train: install  ## train with Hydra overrides: make train ARGS="model.dropout=0.4 trainer.steps=300"
+	$(PY) src/train.py $(ARGS)
+
+test: install  ## the fast suite (synthetic data, no network)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-slow: install data  ## real MNIST training and a PostgreSQL-backed sweep
+	$(PY) -m pytest -m slow $(ARGS)
+
+test-all: install data
+	$(PY) -m pytest $(ARGS)
+
+sweep: install  ## make sweep ARGS="sweep.n_trials=4 trainer.steps=300"
+	$(PY) src/sweep.py $(ARGS)
+
+bench: install data  ## the full benchmark; results in bench/results/
+	$(PY) src/bench.py $(ARGS)
+
+bench-quick: install data
+	$(PY) src/bench.py --quick $(ARGS)
+
+ui: install  ## browse runs at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+
+clean:
+	rm -rf outputs multirun
