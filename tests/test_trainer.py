@@ -1,0 +1,115 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfsweep.data import load_splits
+from tfsweep.errors import NonFiniteLossError
+from tfsweep.hooks import Hook
+from tfsweep.inputs import train_input_fn
+from tfsweep.trainer import Trainer
+from tfsweep.training import evaluate_checkpoint, train
+
+
+class Recorder(Hook):
+    def __init__(self):
+        self.logs, self.evals, self.checkpoints = [], [], []
+
+    def after_log(self, trainer, step, logs):
+        self.logs.append((step, logs))
+
+    def after_eval(self, trainer, step, split, metrics):
+        self.evals.append((step, split, metrics))
+
+    def after_checkpoint(self, trainer, step, path):
+        self.checkpoints.append(step)
+
+
+def test_short_training_learns_checkpoints_and_reports(make_cfg):
+    cfg = make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40"})
+    recorder = Recorder()
+    metrics = train(cfg, hooks=[recorder])
+    assert [step for step, _ in recorder.logs] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [(step, split) for step, split, _ in recorder.evals] == [
+        (10, "val"), (20, "val"), (30, "val"), (40, "val"), (40, "test")]
+    assert recorder.checkpoints == [10, 20, 30, 40]
+    assert all(math.isfinite(logs["train/loss"]) and logs["global_step_per_sec"] > 0 for _, logs in recorder.logs)
+    assert recorder.logs[-1][1]["train/loss"] < recorder.logs[0][1]["train/loss"]
+    assert metrics["val/accuracy"] > 0.5 and metrics["test/accuracy"] > 0.5  # chance is 0.1
+    assert sorted(p.name for p in Path(cfg.trainer.model_dir).glob("ckpt-*.index")) == [
+        "ckpt-20.index", "ckpt-30.index", "ckpt-40.index"]  # keep_checkpoints=3
+    assert evaluate_checkpoint(cfg, "test")["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+
+
+def test_resume_continues_from_the_latest_checkpoint(make_cfg, tmp_path):
+    # No dropout, so an interrupted-and-resumed run must match an uninterrupted one exactly.
+    common = {"tracking.enabled": "false", "model.dropout": "0.0", "trainer.steps": "20"}
+    cfg_straight = make_cfg(**common, **{"trainer.model_dir": str(tmp_path / "straight")})
+    straight = Trainer(cfg_straight, load_splits(cfg_straight.data))
+    straight.train()
+
+    cfg_first = make_cfg(**{**common, "trainer.steps": "10"})
+    first = Trainer(cfg_first, load_splits(cfg_first.data))
+    first.train()
+    cfg_resumed = make_cfg(**common)
+    recorder = Recorder()
+    resumed = Trainer(cfg_resumed, load_splits(cfg_resumed.data), [recorder])
+    assert resumed.start_step == 10
+    resumed.train()
+    assert int(resumed.global_step.numpy()) == 20
+    assert [step for step, _ in recorder.logs] == [15, 20]
+    for a, b in zip(straight.network.get_weights(), resumed.network.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_gives_same_initial_weights_and_data_order(make_cfg, tmp_path):
+    def trainer(name, seed=0):
+        return Trainer(make_cfg(**{"tracking.enabled": "false", "trainer.seed": str(seed),
+                                   "trainer.model_dir": str(tmp_path / name)}), splits)
+
+    splits = load_splits(make_cfg().data)
+    a, b, other = trainer("a"), trainer("b"), trainer("other", seed=1)
+    for wa, wb in zip(a.network.get_weights(), b.network.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    assert not np.array_equal(a.network.get_weights()[0], other.network.get_weights()[0])
+
+    def first_labels(seed, start_step=0):
+        dataset = train_input_fn(splits.train_images, splits.train_labels, 20, seed, 1000, start_step)
+        return [labels.numpy().tolist() for _, labels in dataset.take(3)]
+
+    assert first_labels(0) == first_labels(0)
+    assert first_labels(0) != first_labels(1)
+    assert first_labels(0, start_step=1) == first_labels(0)[1:] + [first_labels(0, 3)[0]]
+
+
+def test_features_are_scaled_to_unit_range(make_cfg):
+    splits = load_splits(make_cfg().data)
+    features, labels = next(iter(train_input_fn(splits.train_images, splits.train_labels, 20, 0, 100)))
+    assert features.dtype == tf.float32 and features.shape == (20, 28, 28) and labels.shape == (20,)
+    assert float(tf.reduce_min(features)) >= 0.0 and float(tf.reduce_max(features)) == 1.0
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_no_bad_checkpoint(make_cfg):
+    cfg = make_cfg(**{"tracking.enabled": "false", "optimizer": "sgd", "optimizer.learning_rate": "1e12"})
+    with pytest.raises(NonFiniteLossError, match="optimizer.learning_rate"):
+        train(cfg)
+    trainer = Trainer(cfg, load_splits(cfg.data))  # restores whatever checkpoint was kept
+    assert all(np.isfinite(w).all() for w in trainer.network.get_weights())
+
+
+def test_mixed_bfloat16_trains(make_cfg):
+    metrics = train(make_cfg(**{"tracking.enabled": "false", "trainer.precision": "mixed_bfloat16"}))
+    assert metrics["val/accuracy"] > 0.3
+
+
+def test_request_stop_ends_training_early(make_cfg):
+    class StopAtTen(Hook):
+        def after_eval(self, trainer, step, split, metrics):
+            trainer.request_stop("enough")
+
+    cfg = make_cfg(**{"tracking.enabled": "false"})
+    metrics = train(cfg, hooks=[StopAtTen()])
+    assert "test/accuracy" not in metrics and "val/accuracy" in metrics
+    assert Trainer(cfg, load_splits(cfg.data)).start_step == 10
