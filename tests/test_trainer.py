@@ -113,3 +113,11 @@ def test_request_stop_ends_training_early(make_cfg):
     metrics = train(cfg, hooks=[StopAtTen()])
     assert "test/accuracy" not in metrics and "val/accuracy" in metrics
     assert Trainer(cfg, load_splits(cfg.data)).start_step == 10
+
+
+def test_probabilities_hook_logs_the_softmax_of_the_last_batch(make_cfg, caplog):
+    cfg = make_cfg(**{"tracking.enabled": "false", "trainer.log_probabilities": "true", "trainer.steps": "5"})
+    with caplog.at_level("INFO", logger="tfsweep.hooks"):
+        train(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probabilities (step 5)")]
+    assert len(lines) == 1 and lines[0].count("[") == 21  # a [20, 10] array: one outer and 20 row brackets
