@@ -6,14 +6,17 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
+from keras import __version__ as keras_version
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from omegaconf import DictConfig, OmegaConf
+from tensorflow import __version__ as tf_version
 
 from tfsweep.config import flatten
 from tfsweep.errors import TrackingError
@@ -162,28 +165,19 @@ class MlflowHook(Hook):
 
 def log_model(uri: str, run_id: str, trainer) -> None:
     """Log the trained network as an MLflow pyfunc model that maps 28x28 images to digit classes."""
-    from mlflow.models import infer_signature
-
-    from tfsweep.serving import DigitClassifier
-
     sample = trainer.splits.test_images[:5].astype("float32") / 255.0
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow suggests type hints on predict(); NumPy arrays in and out need none.
+        warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
         network_path = Path(tmp) / "network.keras"
         trainer.network.save(network_path)
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             mlflow.pyfunc.log_model(
                 name="model",
-                python_model=DigitClassifier(),
+                python_model=str(Path(__file__).with_name("serving.py")),
                 artifacts={"network": str(network_path)},
-                code_paths=[str(Path(__file__).parent)],
-                signature=infer_signature(sample, trainer.predict(sample)["classes"]),
-                pip_requirements=[f"tensorflow-cpu=={_version('tensorflow')}",
-                                  f"keras=={_version('keras')}", f"mlflow=={mlflow.__version__}"],
+                input_example=sample,
+                pip_requirements=[f"tensorflow-cpu=={tf_version}", f"keras=={keras_version}",
+                                  f"mlflow=={mlflow.__version__}"],
             )
-
-
-def _version(module: str) -> str:
-    import importlib
-
-    return importlib.import_module(module).__version__
