@@ -276,7 +276,8 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     """
     started = time.perf_counter()
     sweep, options = check(cfg)
-    studies.build_sampler(sweep), studies.build_pruner(sweep)  # an unknown name fails before any trial
+    studies.build_sampler(sweep)  # an unknown sampler or pruner fails here, before any trial
+    studies.build_pruner(sweep)
     storage = studies.open_storage(sweep)
     train_cfg = training_part(cfg)
     experiment = cfg.tracking.experiment_name
@@ -310,14 +311,18 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         finally:
             for process in helpers:
                 process.join()
+                if process.exitcode:
+                    log.warning("%s exited with code %s; its trial, if any, is retried next time",
+                                process.name, process.exitcode)
         study = studies.load_study(sweep, storage)
         result = summarize(study, sweep)
         if result["best_trial"] is not None:
             result.update(report_best(cfg, sweep, study, train_cfg, options, client, parent_run_id, experiment))
-        if client is not None and result["best_trial"] is not None:
-            sweep_tracking.log_plots(client, parent_run_id, study)
+        if client is not None:
             for key in ("n_complete", "n_pruned", "n_failed"):
                 client.log_metric(parent_run_id, key, result[key])
+            if result["best_trial"] is not None:
+                sweep_tracking.log_plots(client, parent_run_id, study)
     except KeyboardInterrupt:
         status = "KILLED"
         raise

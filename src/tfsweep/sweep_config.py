@@ -22,6 +22,7 @@ from tfsweep.errors import ConfigError
 PROJECT_DIR = CONFIG_DIR.parent
 SWEEPS_DIR = PROJECT_DIR / "sweeps"
 PARAM_TYPES = ("float", "int", "categorical")
+_ABSENT = object()
 
 
 @dataclass
@@ -177,7 +178,7 @@ def check(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, dict[str, dict]]]:
             if unknown:
                 raise ConfigError(f"{where} has unknown options {unknown}: choose from {', '.join(known)}")
             options[name] = {str(c): group_option(name, str(c)) for c in spec["choices"]}
-        elif not _has_key(train, name):
+        elif OmegaConf.select(train, name, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
             raise ConfigError(f"{where} names no training config key or group: check the spelling against "
                               "`python src/train.py --cfg job`")
         if spec["type"] == "categorical":
@@ -206,12 +207,3 @@ def check(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, dict[str, dict]]]:
         except ConfigError as exc:
             raise ConfigError(f"sweep.params reaches an invalid training config at its {corner} end: {exc}") from exc
     return sweep, options
-
-
-def _has_key(cfg: DictConfig, dotted: str) -> bool:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
-            return False
-        node = node._get_node(part)
-    return True

@@ -94,7 +94,8 @@ def log_plots(client: MlflowClient, run_id: str, study) -> None:
                 warnings.simplefilter("ignore")  # matplotlib's legend notes on one-trial studies
                 axes = getattr(plots, name)(study)
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-            client.log_figure(run_id, figure, f"plots/{name.removeprefix('plot_')}.png")
+            client.log_figure(run_id, figure, f"plots/{name.removeprefix('plot_')}.png",
+                              save_kwargs={"bbox_inches": "tight"})  # keep the legends inside the image
         except Exception as exc:  # e.g. importances need two complete trials; a plot is never worth a crash
             log.warning("skipped the %s plot: %s", name.removeprefix("plot_"), exc)
         finally:
