@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def runs(tmp: Path, role: str, study: str = "tiny") -> list:
 
 
 def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_validation_curve(tmp_path):
-    cfg = sweep_cfg(tmp_path, "sweep.n_trials=3")
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=3", "tracking.log_checkpoints=true")
     result = run_sweep(cfg)
 
     study = load(cfg)
@@ -98,6 +99,11 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
     assert len(load(cfg).trials) == 3 and again["mlflow_parent_run_id"] == parent.info.run_id
     assert len(runs(tmp_path, "study")) == 1
     assert len(client.get_metric_history(parent.info.run_id, "best_test_accuracy")) == 1
+
+    # Where the best trial's folder is missing (it ran on another machine), its logged checkpoints are used.
+    shutil.rmtree(study.best_trial.user_attrs["trial_dir"])
+    client.delete_tag(parent.info.run_id, "best.test_trial_number")
+    assert run_sweep(cfg)["best_test_accuracy"] == result["best_test_accuracy"]
 
 
 def test_aggressive_pruner_prunes_and_pruned_trials_keep_their_curves(tmp_path):
