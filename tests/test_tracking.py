@@ -28,6 +28,7 @@ def test_run_records_params_curves_checkpoints_and_a_loadable_model(make_cfg):
     metrics = train(cfg)
     client, run = only_run(cfg)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == Path(cfg.paths.output_dir).name  # unique per run, not a seeded draw
     params = run.data.params
     assert params["model.dropout"] == "0.3"
     assert params == {k: str(v) for k, v in flatten(cfg).items()}

@@ -8,7 +8,6 @@ parent run. Stopping and rerunning continues the study (see `tfsweep.study` for 
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import multiprocessing
 import time
@@ -285,11 +284,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     if cfg.tracking.enabled:
         from tfsweep.tracking import connect
 
-        # MLflow creates a new SQLite store's tables on first use; two workers doing it at once collide.
-        Path(sweep["dir"]).mkdir(parents=True, exist_ok=True)
-        with open(Path(sweep["dir"]) / ".mlflow-connect.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            client = connect(cfg.tracking.uri)
+        client = connect(cfg.tracking.uri)
     study = studies.load_study(sweep, storage)
     log.info("study %s in %s: %d of %d trials done", study.study_name, studies.redacted(str(sweep["storage"])),
              sum(t.state.is_finished() and studies.counts(t) for t in study.get_trials(deepcopy=False)),

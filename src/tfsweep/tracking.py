@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import tempfile
@@ -44,11 +45,27 @@ def _fail_fast() -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def _creating_sqlite_store(uri: str) -> Iterator[None]:
+    """Serialize first use of a SQLite store: MLflow creates its tables then, and two processes doing
+    it at once collide (sweep workers, or two training runs started together)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///")).expanduser().with_suffix(".lock")
+    if not lock_path.parent.is_dir():
+        yield  # MLflow reports the missing folder in its own words
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def connect(uri: str) -> MlflowClient:
     """A client for `uri`, checked to answer; raise TrackingError naming the URI otherwise."""
-    client = MlflowClient(tracking_uri=uri)
     try:
-        with _fail_fast():
+        with _fail_fast(), _creating_sqlite_store(uri):
+            client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # MLflow raises many types here (MlflowException, OSError, SQLAlchemy errors)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -100,7 +117,9 @@ class MlflowHook(Hook):
             tags["mlflow.parentRunId"] = self.parent_run_id
         if run_id is None:
             exp_id = experiment_id(self.client, self.cfg.tracking.experiment_name)
-            run = self.client.create_run(exp_id, run_name=self.cfg.tracking.run_name, tags=tags)
+            # Not MLflow's generated name: it draws from `random`, which the trainer has just seeded.
+            run_name = self.cfg.tracking.run_name or Path(self.cfg.paths.output_dir).name
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             run_id = run.info.run_id
             model_dir.mkdir(parents=True, exist_ok=True)
             (model_dir / RUN_ID_FILE).write_text(run_id)
