@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from tfsweep.hooks import Hook
 

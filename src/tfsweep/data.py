@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
 import struct
 import subprocess
 import tarfile
