@@ -11,6 +11,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from unittest.mock import patch
 
 import mlflow
 from keras import __version__ as keras_version
@@ -29,20 +30,9 @@ RUN_ID_FILE = "mlflow_run_id"  # in model_dir: resuming the model_dir continues 
 MLFLOW_BATCH_LIMITS = {"params": 100, "tags": 100, "metrics": 1000}  # per log_batch request
 
 
-@contextmanager
-def _fail_fast() -> Iterator[None]:
+def _fail_fast():
     """Make an unreachable HTTP store fail in seconds rather than after minutes of retries."""
-    overrides = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {k: os.environ.get(k) for k in overrides}
-    os.environ.update(overrides)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
 
 
 @contextmanager
