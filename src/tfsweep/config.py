@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from tfsweep.errors import ConfigError
@@ -127,6 +129,18 @@ def register_configs() -> None:
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
     cs.store(group="paths", name="paths_schema", node=PathsConfig)
+
+
+def compose_config(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose `config_name` with `overrides` as the command line would, inside or outside a Hydra app.
+
+    Inside a running app (a sweep composing its trials) Hydra is already initialized with the right
+    search path; elsewhere (tests, the benchmark, `fetch_data.py`) `conf/` is used.
+    """
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
 
 
 def _require(ok: bool, key: str, value: Any, fix: str) -> None:
