@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,3 +69,36 @@ class ProgressBarHook(Hook):
     def end(self, trainer, error):
         if self.bar is not None:
             self.bar.close()
+
+
+class TrainingTimer(Hook):
+    """Seconds spent in training steps, and steps/sec between the first and the last log point.
+
+    Evaluations and checkpoints run at boundaries and end in a hook call, which restarts the clock, so
+    they are not counted; the first chunk includes tracing, which `steps_per_sec` leaves out.
+    """
+
+    def __init__(self) -> None:
+        self.training_seconds = 0.0
+        self.marks: list[tuple[int, float]] = []  # (global step, perf_counter) at each log point
+        self._mark = 0.0
+
+    def begin(self, trainer):
+        self._mark = time.perf_counter()
+
+    def after_log(self, trainer, step, logs):
+        now = time.perf_counter()
+        self.training_seconds += now - self._mark
+        self.marks.append((step, now))
+        self._mark = now
+
+    def after_eval(self, trainer, step, split, metrics):
+        self._mark = time.perf_counter()
+
+    def after_checkpoint(self, trainer, step, path):
+        self._mark = time.perf_counter()
+
+    @property
+    def steps_per_sec(self) -> float:
+        (first_step, first), (last_step, last) = self.marks[0], self.marks[-1]
+        return (last_step - first_step) / (last - first)
