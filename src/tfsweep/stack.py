@@ -1,0 +1,241 @@
+"""A local multi-machine stack: PostgreSQL for the Optuna study and MLflow's store, and an MLflow
+tracking server with basic auth that proxies artifacts, so sweep workers share nothing but the network.
+
+Everything lives in one state folder (`.stack/` by default). Secrets are generated at first start and
+kept in files readable only by their owner: `pgpass` (libpq's password file, found through PGPASSFILE)
+and `worker.env` (MLflow's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD). No password is put
+on a command line, in a URL or in a log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tfsweep.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+DB_USER = "tfsweep"
+DATABASES = ("optuna", "mlflow", "mlflow_auth")  # the study; MLflow's runs; MLflow's users and permissions
+WORKER_USER = "worker"
+ADMIN_USER = "admin"
+READY_TIMEOUT_S = 120
+
+
+class StackError(UserError):
+    """The local stack cannot be started or used."""
+
+
+@dataclass
+class Stack:
+    """Where the stack's services listen, as recorded in `state_dir/stack.json`."""
+
+    state_dir: str
+    host: str
+    pg_port: int
+    mlflow_port: int
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    def storage_url(self) -> str:
+        """The Optuna storage URL; the password comes from PGPASSFILE, not from the URL."""
+        return f"postgresql://{DB_USER}@{self.host}:{self.pg_port}/optuna"
+
+    @property
+    def pgpass(self) -> Path:
+        return Path(self.state_dir) / "pgpass"
+
+    @property
+    def worker_env_file(self) -> Path:
+        return Path(self.state_dir) / "worker.env"
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment a sweep worker needs: tracking server, its credentials, the password file."""
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri, "PGPASSFILE": str(self.pgpass)}
+        for line in self.worker_env_file.read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            if key.startswith("MLFLOW_TRACKING_"):
+                env[key] = value
+        return env
+
+
+def _pg_bin() -> Path:
+    found = sorted(Path("/").glob(PG_BIN_GLOB.lstrip("/")), reverse=True)
+    if not found:
+        raise StackError("PostgreSQL is not installed: `sudo apt-get install -y postgresql` (Debian's package)")
+    return found[0]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _as_postgres(*command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """initdb and the server refuse to run as root, so they run as the `postgres` user when we are root."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    result = subprocess.run([*prefix, *command], input=stdin, capture_output=True, text=True, timeout=120)
+    if result.returncode:
+        raise StackError(f"{Path(command[0]).name} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return result
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create `path` readable by its owner only, before any secret is written into it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def _pid_alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().split()[0]), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load(state_dir: Path) -> Stack:
+    try:
+        return Stack(**json.loads((state_dir / "stack.json").read_text()))
+    except FileNotFoundError:
+        raise StackError(f"no stack in {state_dir}: start one with `make stack-up`") from None
+
+
+def _start_postgres(stack: Stack, secrets_: dict[str, str]) -> None:
+    pg_bin, state = _pg_bin(), Path(stack.state_dir)
+    data, socket_dir = state / "postgres", state / "run"
+    first_start = not data.exists()
+    for folder in (data, socket_dir):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+    if first_start:
+        # Local socket: the server's own OS user only; TCP: passwords (SCRAM), never trust.
+        _as_postgres(str(pg_bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=peer",
+                     "--auth-host=scram-sha-256")
+    if not (data / "postmaster.pid").exists():
+        _as_postgres(str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(socket_dir / "postgres.log"), "-w", "-o",
+                     f"-p {stack.pg_port} -k {socket_dir} -c listen_addresses={stack.host} -c max_connections=300",
+                     "start")
+    if first_start:
+        psql = [str(pg_bin / "psql"), "-h", str(socket_dir), "-p", str(stack.pg_port), "-U", "postgres",
+                "-v", "ON_ERROR_STOP=1", "-q"]
+        # The password travels on stdin, not on a command line that `ps` would show.
+        _as_postgres(*psql, stdin=f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{secrets_['postgres']}';\n")
+        for database in DATABASES:
+            _as_postgres(*psql, "-c", f"CREATE DATABASE {database} OWNER {DB_USER}")
+
+
+def _start_mlflow(stack: Stack, secrets_: dict[str, str]) -> None:
+    state = Path(stack.state_dir)
+    pid_file = state / "mlflow.pid"
+    if _pid_alive(pid_file):
+        return
+    db = f"postgresql://{DB_USER}@{stack.host}:{stack.pg_port}"
+    (state / "basic_auth.ini").write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"  # the worker user manages what it creates; others may only look
+        f"database_uri = {db}/mlflow_auth\n"
+        f"admin_username = {ADMIN_USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {**os.environ, "PGPASSFILE": str(stack.pgpass), "MLFLOW_AUTH_CONFIG_PATH": str(state / "basic_auth.ini"),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": secrets_["admin"],
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_["flask"]}  # signs the auth app's CSRF tokens
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+               "--backend-store-uri", f"{db}/mlflow", "--serve-artifacts",
+               "--artifacts-destination", str(state / "artifacts"),
+               "--host", stack.host, "--port", str(stack.mlflow_port), "--workers", "2"]
+    with open(state / "mlflow.log", "ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"mlflow server exited with code {process.returncode}; see {state / 'mlflow.log'}")
+        try:
+            with urllib.request.urlopen(f"{stack.tracking_uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise StackError(f"mlflow server did not answer within {READY_TIMEOUT_S} s; see {state / 'mlflow.log'}")
+
+
+def _ensure_worker_user(stack: Stack, secrets_: dict[str, str]) -> None:
+    from mlflow.server import get_app_client
+    from unittest.mock import patch
+
+    admin = {"MLFLOW_TRACKING_USERNAME": ADMIN_USER, "MLFLOW_TRACKING_PASSWORD": secrets_["admin"]}
+    with patch.dict(os.environ, admin):
+        client = get_app_client("basic-auth", tracking_uri=stack.tracking_uri)
+        try:
+            client.get_user(WORKER_USER)
+        except Exception:  # RestException RESOURCE_DOES_NOT_EXIST: first start
+            client.create_user(WORKER_USER, secrets_["worker"])
+
+
+def up(state_dir: Path, host: str = "127.0.0.1", mlflow_port: int = 5001) -> Stack:
+    """Start (or find running) PostgreSQL and the MLflow server; create databases, users and secrets."""
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o711)  # the postgres user must reach its data folder inside
+    secrets_file = state_dir / "secrets.json"
+    if secrets_file.exists():
+        secrets_ = json.loads(secrets_file.read_text())
+        stack = load(state_dir)
+    else:
+        secrets_ = {name: secrets.token_urlsafe(24) for name in ("postgres", "admin", "worker", "flask")}
+        _write_private(secrets_file, json.dumps(secrets_))
+        stack = Stack(str(state_dir), host, _free_port(host), mlflow_port)
+        (state_dir / "stack.json").write_text(json.dumps(asdict(stack)))
+    _write_private(stack.pgpass, f"{host}:{stack.pg_port}:*:{DB_USER}:{secrets_['postgres']}\n")
+    _write_private(stack.worker_env_file, f"export MLFLOW_TRACKING_URI={stack.tracking_uri}\n"
+                   f"export MLFLOW_TRACKING_USERNAME={WORKER_USER}\n"
+                   f"export MLFLOW_TRACKING_PASSWORD={secrets_['worker']}\n"
+                   f"export PGPASSFILE={stack.pgpass}\n")
+    _start_postgres(stack, secrets_)
+    _start_mlflow(stack, secrets_)
+    _ensure_worker_user(stack, secrets_)
+    return stack
+
+
+def down(state_dir: Path, purge: bool = False) -> None:
+    """Stop the MLflow server and PostgreSQL; with `purge`, delete the databases, artifacts and secrets."""
+    state_dir = state_dir.resolve()
+    pid_file = state_dir / "mlflow.pid"
+    if _pid_alive(pid_file):
+        pid = int(pid_file.read_text())
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    data = state_dir / "postgres"
+    if (data / "postmaster.pid").exists():
+        _as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+    if purge:
+        shutil.rmtree(state_dir, ignore_errors=True)
