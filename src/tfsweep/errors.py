@@ -19,3 +19,9 @@ class TrackingError(UserError):
 
 class NonFiniteLossError(UserError):
     """Training diverged: the loss became NaN or infinite."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a message: its first line, or its type when it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
