@@ -5,143 +5,186 @@ Budget rule: a study wants `n_trials` trials that count. A trial counts once it 
 pruned, or failed for a reason of its own (NaN loss, an exception). A trial whose worker died (kill -9,
 Ctrl-C, a lost machine) does not count; it is failed and queued again with the same parameters by
 Optuna's retry callback, and the retry continues from the dead trial's checkpoints.
+
+Ownership rule: a worker creates a trial and records itself as its owner under the study's lock
+(`study_lock`), which recovery takes too. So a running trial without an owner, seen under the lock,
+was left by a worker that died in between; a running trial whose owner is a process of this machine
+that no longer exists is also orphaned; on a database, Optuna's heartbeat finds dead owners elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import fcntl
 import logging
 import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
 import optuna
+import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from tfsweep.errors import ConfigError, UserError
+from tfsweep.credentials import redact_url
+from tfsweep.crashpoints import crashpoint
+from tfsweep.errors import ConfigError, UserError, first_line
+from tfsweep.journal import check_journal
+from tfsweep.sweep_config import SweepConfig, build
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-PRUNERS = {"median": optuna.pruners.MedianPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-           "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
 WORKER_ATTR = "worker"  # "host:pid" of the process running the trial
 CLAIM_ATTR = "claimed_trial"  # the trial number the worker attribute belongs to (retries copy user attrs)
 FAIL_ATTR = "fail_reason"  # set when a trial failed by itself; such a trial counts and is not retried
-SURPLUS_ATTR = "surplus"  # set on a trial started after the budget was met by other workers
+PUBLISHER_ATTR = "publisher"  # study attribute: the worker that publishes the finished study's results
 
 
 class StorageError(UserError):
     """The Optuna storage cannot be opened."""
 
 
-def _build(kind: str, registry: dict[str, Any], spec: dict[str, Any], **extra: Any) -> Any:
-    name = spec["name"]
-    if name not in registry:
-        raise ConfigError(f"sweep.{kind}.name={name!r} is unknown: choose one of {', '.join(registry)}")
-    settings = dict(spec["settings"].get(name) or {})
-    try:
-        return registry[name](**settings, **extra)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"sweep.{kind}.settings.{name} is invalid for {registry[name].__name__}: {exc}") from exc
+class Outcome(enum.Enum):
+    """How a trial ended, as the summary, the MLflow `optuna.state` tag and the bench read it."""
+
+    complete = "complete"
+    pruned = "pruned"
+    failed = "failed"  # by itself: counts, and is not retried
+    interrupted = "interrupted"  # its worker died or was stopped: retried
+    running = "running"
+    waiting = "waiting"
 
 
-def build_sampler(sweep: dict[str, Any], seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    seed = None if sweep["seed"] is None else sweep["seed"] + seed_offset
-    return _build("sampler", SAMPLERS, sweep["sampler"], seed=seed)
+def outcome(trial: FrozenTrial) -> Outcome:
+    if trial.state == TrialState.FAIL:
+        return Outcome.failed if FAIL_ATTR in trial.user_attrs else Outcome.interrupted
+    return {TrialState.COMPLETE: Outcome.complete, TrialState.PRUNED: Outcome.pruned,
+            TrialState.RUNNING: Outcome.running, TrialState.WAITING: Outcome.waiting}[trial.state]
 
 
-def build_pruner(sweep: dict[str, Any]) -> optuna.pruners.BasePruner:
-    return _build("pruner", PRUNERS, sweep["pruner"])
-
-
-def retry_history(trial: FrozenTrial) -> list[int]:
-    """The numbers of the earlier attempts this trial retries, oldest first ([] for a first attempt)."""
+@contextlib.contextmanager
+def experimental_ok() -> Iterator[None]:
+    """Optuna's heartbeat and retry API is marked experimental; we depend on it knowingly."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback.retry_history(trial)
+        yield
 
 
-def retry_callback(sweep: dict[str, Any]) -> RetryHeartbeatStaleTrialCallback:
-    # The retry resumes from the dead trial's checkpoints, so it keeps the steps already reported.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback(max_retry=sweep["max_retry"], inherit_intermediate_values=True)
+# -- storage ---------------------------------------------------------------------------------------
+def is_database(sweep: SweepConfig) -> bool:
+    return "://" in sweep.storage
 
 
-def open_storage(sweep: dict[str, Any]) -> optuna.storages.BaseStorage:
+def open_storage(sweep: SweepConfig) -> optuna.storages.BaseStorage:
     """A journal file (the default: safe for several processes on one machine) or a database URL."""
-    target = str(sweep["storage"])
     try:
-        if "://" in target:
-            engine_kwargs = {"connect_args": {"connect_timeout": 10}} if target.startswith("postgresql") else {}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is
-                return optuna.storages.RDBStorage(
-                    target, engine_kwargs=engine_kwargs, heartbeat_interval=sweep["heartbeat_seconds"],
-                    grace_period=2 * sweep["heartbeat_seconds"], heartbeat_stale_trial_callback=retry_callback(sweep))
-        path = Path(target).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
-    except Exception as exc:  # SQLAlchemy, psycopg2 and OS errors all mean the same thing here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"sweep.storage={redacted(target)!r} cannot be opened ({reason[:200]}); start the "
-                           "database, fix the URL, or use a journal file path") from exc
+        if not is_database(sweep):
+            path = Path(sweep.storage).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_journal(path)
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        connect = {"connect_args": {"connect_timeout": 10}} if sweep.storage.startswith("postgresql") else {}
+        # Optuna creates its tables on first use, and workers doing that at once collide; the lock
+        # makes them take turns.
+        with study_lock(sweep), experimental_ok():
+            return optuna.storages.RDBStorage(sweep.storage, engine_kwargs=connect,
+                                              heartbeat_interval=sweep.heartbeat_seconds,
+                                              grace_period=2 * sweep.heartbeat_seconds)
+    except UserError:
+        raise
+    except Exception as exc:  # SQLAlchemy, psycopg and OS errors all mean the same thing here
+        raise StorageError(f"sweep.storage={redact_url(sweep.storage)!r} cannot be opened ({first_line(exc)}); "
+                           "start the database, fix the URL, or use a journal file path") from exc
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        if ":" in credentials:
-            return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
+def load_study(sweep: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    with study_lock(sweep):  # creating a new study in a database is a race too
+        return optuna.create_study(storage=storage, study_name=sweep.study_name, direction=sweep.direction.value,
+                                   pruner=build("pruner", sweep.pruner), load_if_exists=True)
 
 
-def load_study(sweep: dict[str, Any], storage, sampler=None, pruner=None) -> optuna.Study:
-    return optuna.create_study(storage=storage, study_name=sweep["study_name"], direction=sweep["direction"],
-                               sampler=sampler, pruner=pruner, load_if_exists=True)
+def use_sampler(study: optuna.Study, sweep: SweepConfig, position: int) -> None:
+    """Seed the sampler by the trial's place in the budget: a resumed study, or a second worker, draws
+    the values an uninterrupted single worker would have drawn, not a replay of the first draws."""
+    study.sampler = build("sampler", sweep.sampler, seed=None if sweep.seed is None else sweep.seed + position)
+
+
+_engines: dict[str, sqlalchemy.Engine] = {}
+
+
+@contextlib.contextmanager
+def study_lock(sweep: SweepConfig) -> Iterator[None]:
+    """Held while a trial is created and claimed, while trials are recovered and while tables are created.
+
+    A file lock for a journal or SQLite file, a PostgreSQL advisory lock for a database shared by
+    machines; both are released by the operating system or the server when their process dies.
+    """
+    if sweep.storage.startswith("postgresql"):
+        engine = _engines.get(sweep.storage)
+        if engine is None:
+            engine = _engines[sweep.storage] = sqlalchemy.create_engine(
+                sweep.storage, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
+        key = {"key": f"tfsweep:{sweep.study_name}"}
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:key))"), key)
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext(:key))"), key)
+        return
+    if is_database(sweep):
+        url = sqlalchemy.make_url(sweep.storage)
+        if url.get_backend_name() != "sqlite" or not url.database:
+            raise ConfigError(f"sweep.storage={redact_url(sweep.storage)!r} is not supported: use a journal file "
+                              "path, sqlite:///<file> or postgresql://user@host/db")
+        lock_path = Path(url.database).expanduser().with_suffix(".lock")
+    else:
+        lock_path = Path(sweep.storage).expanduser().with_name(Path(sweep.storage).name + ".study.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # -- the budget ------------------------------------------------------------------------------------
 def counts(trial: FrozenTrial) -> bool:
     """Whether the trial uses up one of the study's `n_trials`."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-        return True
-    return trial.state == TrialState.FAIL and FAIL_ATTR in trial.user_attrs and SURPLUS_ATTR not in trial.user_attrs
+    return outcome(trial) in (Outcome.complete, Outcome.pruned, Outcome.failed, Outcome.running)
 
 
 def counted_trials(study: optuna.Study) -> int:
     return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
-def claim(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
-    """Mark `trial` as this process's; False when it is surplus (budget already met, or a duplicate retry).
-
-    Trial numbers are handed out in order by the storage, so every worker sees the same trials ahead of
-    its own and they agree, without a lock, on which trials fit into the budget.
-    """
-    trial.set_user_attr(WORKER_ATTR, worker_id())
-    trial.set_user_attr(CLAIM_ATTR, trial.number)
+def is_finished(study: optuna.Study, n_trials: int) -> bool:
+    """All the budget's trials have ended (none is running in another worker)."""
     trials = study.get_trials(deepcopy=False)
-    ahead = [t for t in trials if t.number < trial.number]
-    mine = next(t for t in trials if t.number == trial.number)
-    history = retry_history(mine)
-    duplicate = bool(history) and any(retry_history(t)[-1:] == history[-1:]
-                                      for t in ahead)
-    if duplicate or sum(counts(t) for t in ahead) >= n_trials:
-        trial.set_user_attr(SURPLUS_ATTR, True)
-        return False
-    return True
+    return sum(counts(t) and t.state.is_finished() for t in trials) >= n_trials and not any(
+        t.state == TrialState.RUNNING for t in trials)
 
 
-# -- dead workers ----------------------------------------------------------------------------------
+def retry_history(trial: FrozenTrial) -> list[int]:
+    """The numbers of the earlier attempts this trial retries, oldest first ([] for a first attempt)."""
+    with experimental_ok():
+        return RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
+# -- owners ----------------------------------------------------------------------------------------
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Record this process as the trial's owner; call under `study_lock`, right after `study.ask()`."""
+    storage = study._storage  # noqa: SLF001 - Study has no public storage accessor
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - an owned trial always has a heartbeat
+    trial.set_user_attr(WORKER_ATTR, worker_id())
+    crashpoint("sweep.before_owner_recorded")
+    trial.set_user_attr(CLAIM_ATTR, trial.number)
 
 
 def _alive(pid: int) -> bool:
@@ -154,32 +197,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _died_here(trial: FrozenTrial) -> bool:
-    """A running trial claimed by a process of this machine that no longer exists."""
+def _orphaned(trial: FrozenTrial) -> bool:
+    """A running trial that no live worker owns (call under `study_lock`)."""
     if trial.user_attrs.get(CLAIM_ATTR) != trial.number:
-        return False
+        return True  # its creator died before recording itself: it would still hold the lock otherwise
     host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
     return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
 
 
-def recover_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage, sweep: dict[str, Any]) -> None:
-    """Fail the trials of dead workers on this machine and queue every interrupted trial again once.
+def recover(study: optuna.Study, sweep: SweepConfig) -> None:
+    """Fail the running trials of dead workers and queue every interrupted trial again once.
 
-    The journal storage has no heartbeat, so a trial left RUNNING by a killed process is found by its
-    recorded host and pid; a database storage's heartbeat also catches workers on other machines.
+    Call under `study_lock`. Optuna's heartbeat fails a database trial whose worker went silent on
+    any machine; the ownership rule finds the rest.
     """
-    retry = retry_callback(sweep)
-    trials = study.get_trials(deepcopy=False)
-    for trial in trials:
-        if trial.state == TrialState.RUNNING and _died_here(trial):
+    with experimental_ok():
+        optuna.storages.fail_stale_trials(study)  # does nothing without a heartbeat (journal file)
+    storage = study._storage  # noqa: SLF001
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _orphaned(trial):
             # FrozenTrial has no public id; Optuna's own fail_stale_trials uses the same one.
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            log.warning("trial %d was interrupted (worker %s is gone); it will be retried", trial.number,
-                        trial.user_attrs[WORKER_ATTR])
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
+            log.warning("trial %d was interrupted (its worker %s is gone); it will be retried", trial.number,
+                        trial.user_attrs.get(WORKER_ATTR, "died before claiming it, so it"))
+            crashpoint("sweep.after_trial_failed")
     trials = study.get_trials(deepcopy=True)
     retried = {n for t in trials for n in retry_history(t)}
+    with experimental_ok():
+        # The retry resumes from the dead trial's checkpoints, so it keeps the steps already reported.
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=sweep.max_retry, inherit_intermediate_values=True)
     for trial in trials:
-        interrupted = (trial.state == TrialState.FAIL and FAIL_ATTR not in trial.user_attrs
-                       and SURPLUS_ATTR not in trial.user_attrs)
-        if interrupted and trial.number not in retried:
+        if outcome(trial) is Outcome.interrupted and trial.number not in retried:
             retry(study, trial)  # does nothing once the trial has used up sweep.max_retry

@@ -1,28 +1,44 @@
-"""The sweep's typed schema, its Hydra composition, and the checks run before any trial starts.
+"""The sweep's typed schema, its Hydra composition, each trial's config, and the checks run before any trial.
 
 A sweep definition is a yaml file in `sweeps/` (`# @package _global_`): it sets the `sweep:` node (search
-space, sampler, pruner, budget, storage) and may adjust the training config every trial starts from
-(`trainer.steps`, ...). The composed config is the whole training config plus `sweep`, so one command
-line overrides both: `python src/sweep.py sweeps=quick sweep.n_trials=4 trainer.steps=300`.
+space, budget, storage), picks a sampler and a pruner from `sweeps/sampler/` and `sweeps/pruner/`, and may
+adjust the training config every trial starts from (`trainer.steps`, ...). One command line overrides all
+of it: `python src/sweep.py sweeps=quick sweeps/pruner=hyperband sweep.n_trials=4 trainer.steps=300`.
+
+A trial's config is that same command line plus the trial's values as overrides (`optimizer=adam
+model.dropout=0.31`), composed by Hydra: config groups and values share the command line's grammar and
+schema, so a searched key that does not exist fails like a typo on the command line.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra import compose, initialize_config_dir
+import optuna
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from tfsweep.config import CONFIG_DIR, Config, register_configs, validate
-from tfsweep.errors import ConfigError
+from tfsweep.config import CONFIG_DIR, Config, compose_config, register_configs, validate
+from tfsweep.errors import ConfigError, first_line
 
 PROJECT_DIR = CONFIG_DIR.parent
-SWEEPS_DIR = PROJECT_DIR / "sweeps"
-PARAM_TYPES = ("float", "int", "categorical")
-_ABSENT = object()
+
+
+class ParamType(enum.Enum):
+    float = "float"
+    int = "int"
+    categorical = "categorical"
+
+
+class Direction(enum.Enum):
+    maximize = "maximize"
+    minimize = "minimize"
 
 
 @dataclass
@@ -30,7 +46,7 @@ class ParamSpec:
     """One searched value. The name is a training config key (`model.dropout`) or a config group
     (`optimizer`, whose choices are option names such as `adam`)."""
 
-    type: str = MISSING  # float | int | categorical
+    type: ParamType = MISSING
     low: Optional[float] = None
     high: Optional[float] = None
     log: bool = False  # sample on a log scale (float and int)
@@ -39,26 +55,18 @@ class ParamSpec:
 
 
 @dataclass
-class NamedSpec:
-    """An Optuna sampler or pruner by name; the settings of each name sit under that name."""
-
-    name: str = MISSING
-    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
 class SweepConfig:
     study_name: str = MISSING
-    dir: str = MISSING  # trial folders (checkpoints) and the default journal storage
+    dir: str = MISSING  # trial folders (checkpoints), best_trial.yaml and the default journal storage
     storage: str = MISSING  # a journal file path, or a database URL such as postgresql://...
     n_trials: int = MISSING  # finished trials (complete + pruned + failed) the study should reach
     timeout: Optional[float] = None  # seconds this command may run; the study can be resumed later
     n_workers: int = MISSING  # worker processes started by this command
     metric: str = MISSING  # a validation metric returned by training, e.g. val/accuracy
-    direction: str = MISSING  # maximize | minimize
-    sampler: NamedSpec = field(default_factory=NamedSpec)
+    direction: Direction = MISSING
     seed: Optional[int] = MISSING  # the sampler's seed (None: random)
-    pruner: NamedSpec = field(default_factory=NamedSpec)
+    sampler: Any = MISSING  # an Optuna sampler for hydra.utils.instantiate: sweeps/sampler/*.yaml
+    pruner: Any = MISSING  # an Optuna pruner, likewise: sweeps/pruner/*.yaml
     max_retry: int = MISSING  # how often a trial interrupted by a dead worker is retried
     heartbeat_seconds: int = MISSING  # database storage only: a worker silent 2x this long is dead
     params: dict[str, ParamSpec] = field(default_factory=dict)
@@ -81,7 +89,9 @@ def register_sweep_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="sweep_schema", node=SweepRootConfig)
     cs.store(name="sweep", node={
-        "defaults": ["train", "sweep_schema", {"sweeps": "default"}, "_self_"],
+        # The sweep definition comes after the sampler and pruner so that it can tune their settings.
+        "defaults": ["train", "sweep_schema", {"sweeps/sampler": "tpe"}, {"sweeps/pruner": "median"},
+                     {"sweeps": "default"}, "_self_"],
         "hydra": {
             "searchpath": [f"file://{PROJECT_DIR}"],
             "run": {"dir": "${paths.root_dir}/outputs/sweep/${sweep.study_name}/${now:%Y-%m-%d_%H-%M-%S}"},
@@ -90,120 +100,126 @@ def register_sweep_configs() -> None:
     })
 
 
-def compose_sweep(overrides: list[str] = ()) -> DictConfig:
-    """Compose the sweep config as `python src/sweep.py <overrides>` would (for tests and benchmarks)."""
+def compose_sweep(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose the sweep config as `python src/sweep.py <overrides>` would (for tests and benchmarks).
+
+    The overrides are kept under `hydra.overrides.task`, where Hydra's own `return_hydra_config` puts
+    them, because every trial's config is composed from them again.
+    """
     register_sweep_configs()
-    if GlobalHydra.instance().is_initialized():
-        return compose("sweep", overrides=list(overrides))
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("sweep", overrides=list(overrides))
+    cfg = compose_config("sweep", list(overrides))
+    with open_dict(cfg):
+        cfg.hydra = {"overrides": {"task": list(overrides)}}
+    return cfg
+
+
+def command_overrides(cfg: DictConfig) -> list[str]:
+    """The command line `cfg` was composed from: inside `src/sweep.py` Hydra knows it, else compose_sweep."""
+    if "hydra" in cfg:
+        return list(cfg.hydra.overrides.task)
+    return list(HydraConfig.get().overrides.task)
 
 
 def training_part(cfg: DictConfig) -> DictConfig:
-    """The training config inside a sweep config, unresolved (each trial sets its own output folder)."""
-    train = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "sweep"})
+    """The training config inside a sweep config."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    train = OmegaConf.create({k: v for k, v in container.items() if k not in ("sweep", "hydra")})
     OmegaConf.set_struct(train, True)
     return train
 
 
-def group_option(group: str, option: str) -> dict[str, Any]:
-    """The node a config group option composes to, e.g. ("optimizer", "adam") -> {"_target_": ...}."""
-    overrides = [f"{group}={option}", "paths.output_dir=."]
-    register_configs()
-    if GlobalHydra.instance().is_initialized():
-        node = compose("train", overrides=overrides)[group]
-    else:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            node = compose("train", overrides=overrides)[group]
-    return OmegaConf.to_container(node, resolve=False)
+def as_override(name: str, value: Any) -> str:
+    """`name=value` in Hydra's override grammar (repr keeps every digit of a float)."""
+    return f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}"
 
 
-def is_group(name: str) -> bool:
-    return "." not in name and (CONFIG_DIR / name).is_dir()
+def trial_config(overrides: list[str], params: dict[str, Any], output_dir: str, **tracking: str) -> DictConfig:
+    """The training config of one trial: the sweep's command line plus the trial's values.
 
-
-def trial_config(train: DictConfig, params: dict[str, Any], options: dict[str, dict[str, dict]],
-                 output_dir: str) -> DictConfig:
-    """The training config of one trial: `train` with the trial's values applied as overrides.
-
-    A group parameter (`optimizer: adam`) swaps in that option's composed node first; then each value
-    parameter is set on the schema-checked config, so a key that does not exist fails here.
+    `tracking` sets `tracking.<key>` (the children's experiment and run name). Trials never see the test
+    split: that is evaluated once, for the best trial.
     """
-    cfg = train.copy()
-    for name, value in params.items():
-        if is_group(name):
-            with open_dict(cfg):
-                cfg[name] = options[name][str(value)]
-    for name, value in params.items():
-        if not is_group(name):
-            OmegaConf.update(cfg, name, value, merge=False)
-    OmegaConf.update(cfg, "paths.output_dir", output_dir)
-    OmegaConf.update(cfg, "trainer.evaluate_test", False)  # trials never look at the test split
-    return cfg
+    register_sweep_configs()
+    trial = [as_override(name, value) for name, value in params.items()]
+    extra = [f"paths.output_dir='{output_dir}'", "trainer.evaluate_test=false",
+             *(f"tracking.{key}='{value}'" for key, value in tracking.items())]
+    return training_part(compose_config("sweep", [*overrides, *trial, *extra]))
 
 
-def check(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, dict[str, dict]]]:
-    """Check the sweep settings and search space; return the resolved `sweep` node and the group options.
+def distribution(spec: ParamSpec) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution of one search-space entry; Optuna checks the range."""
+    if spec.type is ParamType.categorical:
+        return optuna.distributions.CategoricalDistribution(spec.choices or [])
+    if spec.type is ParamType.int:
+        return optuna.distributions.IntDistribution(int(spec.low), int(spec.high), log=spec.log,
+                                                    step=int(spec.step or 1))
+    return optuna.distributions.FloatDistribution(spec.low, spec.high, log=spec.log, step=spec.step)
+
+
+def build(kind: str, node: Any, **extra: Any) -> Any:
+    """Instantiate `sweep.sampler` or `sweep.pruner`; raise ConfigError naming it when that fails."""
+    try:
+        return instantiate(node, **extra)
+    except Exception as exc:  # Hydra wraps a bad _target_ and a bad argument alike
+        raise ConfigError(f"sweep.{kind} is invalid ({first_line(exc)}): pick an option with "
+                          f"sweeps/{kind}=<name> (see the files in sweeps/{kind}/)") from exc
+
+
+def check(cfg: DictConfig) -> SweepConfig:
+    """Check the sweep settings and the search space; return the typed, resolved `sweep` node.
 
     Raise ConfigError with one sentence naming the key before anything is written.
     """
-    sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
-    if not sweep["metric"].startswith("val/"):
-        raise ConfigError(f"sweep.metric={sweep['metric']!r} is invalid: the objective must be a validation "
+    sweep: SweepConfig = OmegaConf.to_object(cfg.sweep)
+    if not sweep.metric.startswith("val/"):
+        raise ConfigError(f"sweep.metric={sweep.metric!r} is invalid: the objective must be a validation "
                           "metric such as val/accuracy (the test split is kept for the best trial)")
-    if sweep["direction"] not in ("maximize", "minimize"):
-        raise ConfigError(f"sweep.direction={sweep['direction']!r} is invalid: choose maximize or minimize")
     for key in ("n_trials", "n_workers", "heartbeat_seconds"):
-        if sweep[key] < 1:
-            raise ConfigError(f"sweep.{key}={sweep[key]} is invalid: it must be a positive integer")
-    if sweep["timeout"] is not None and sweep["timeout"] <= 0:
-        raise ConfigError(f"sweep.timeout={sweep['timeout']} is invalid: give seconds > 0, or null for no limit")
-    if sweep["max_retry"] < 0:
-        raise ConfigError(f"sweep.max_retry={sweep['max_retry']} is invalid: it must be zero or more")
-    if not sweep["params"]:
+        if getattr(sweep, key) < 1:
+            raise ConfigError(f"sweep.{key}={getattr(sweep, key)} is invalid: it must be a positive integer")
+    if sweep.timeout is not None and sweep.timeout <= 0:
+        raise ConfigError(f"sweep.timeout={sweep.timeout} is invalid: give seconds > 0, or null for no limit")
+    if sweep.max_retry < 0:
+        raise ConfigError(f"sweep.max_retry={sweep.max_retry} is invalid: it must be zero or more")
+    if not sweep.params:
         raise ConfigError("sweep.params is empty: give at least one training config key to search")
+    build("sampler", sweep.sampler, seed=sweep.seed)
+    build("pruner", sweep.pruner)
 
-    train = training_part(cfg)
-    options: dict[str, dict[str, dict]] = {}
-    for name, spec in sweep["params"].items():
-        where = f"sweep.params.{name}"
-        if spec["type"] not in PARAM_TYPES:
-            raise ConfigError(f"{where}.type={spec['type']!r} is invalid: choose one of {', '.join(PARAM_TYPES)}")
-        if is_group(name):
-            if spec["type"] != "categorical":
-                raise ConfigError(f"{where} is the config group {name}: make it categorical with option "
-                                  f"names as choices")
-            known = sorted(p.stem for p in (CONFIG_DIR / name).glob("*.yaml"))
-            unknown = [c for c in spec["choices"] or [] if str(c) not in known]
-            if unknown:
-                raise ConfigError(f"{where} has unknown options {unknown}: choose from {', '.join(known)}")
-            options[name] = {str(c): group_option(name, str(c)) for c in spec["choices"]}
-        elif OmegaConf.select(train, name, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
-            raise ConfigError(f"{where} names no training config key or group: check the spelling against "
-                              "`python src/train.py --cfg job`")
-        if spec["type"] == "categorical":
-            if not spec["choices"]:
-                raise ConfigError(f"{where}.choices is empty: list at least one value")
-        else:
-            low, high = spec["low"], spec["high"]
-            if low is None or high is None:
-                raise ConfigError(f"{where} needs both low and high for a {spec['type']} range")
-            if not low < high:
-                raise ConfigError(f"{where} has an empty or inverted range [{low}, {high}]: make low < high")
-            if spec["log"] and low <= 0:
-                raise ConfigError(f"{where} is log-scaled but low={low}: a log range needs low > 0")
-            if spec["log"] and spec["step"] is not None:
-                raise ConfigError(f"{where} sets both log and step: Optuna supports one or the other")
-    # Every corner of the space must also pass the training config's own range checks.
-    for corner in ("low", "high"):
-        params = {}
-        for name, spec in sweep["params"].items():
-            if spec["type"] == "categorical":
-                params[name] = spec["choices"][0 if corner == "low" else -1]
-            else:
-                params[name] = int(spec[corner]) if spec["type"] == "int" else float(spec[corner])
+    for name, spec in sweep.params.items():
         try:
-            validate(trial_config(train, params, options, "."))
-        except ConfigError as exc:
-            raise ConfigError(f"sweep.params reaches an invalid training config at its {corner} end: {exc}") from exc
-    return sweep, options
+            distribution(spec)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"sweep.params.{name} is invalid: {first_line(exc)}") from exc
+        if spec.type is ParamType.categorical and not spec.choices:
+            raise ConfigError(f"sweep.params.{name}.choices is empty: list at least one value")
+    check_corners(command_overrides(cfg), sweep.params)
+    return sweep
+
+
+def check_corners(overrides: list[str], params: dict[str, ParamSpec]) -> None:
+    """Every corner of the space, and every choice, must compose and pass the training config's checks."""
+    def ends(spec: ParamSpec) -> list[Any]:
+        if spec.type is ParamType.categorical:
+            return list(spec.choices)
+        cast = int if spec.type is ParamType.int else float
+        return [cast(spec.low), cast(spec.high)]
+
+    values = {name: ends(spec) for name, spec in params.items()}
+    corners = [{name: v[0] for name, v in values.items()}, {name: v[-1] for name, v in values.items()}]
+    corners += [{**corners[0], name: choice} for name, v in values.items() for choice in v[1:-1]]
+    for corner in corners:
+        if _problem(overrides, corner) is None:
+            continue
+        for name, value in corner.items():  # name the entry that breaks it, when one does on its own
+            if problem := _problem(overrides, {name: value}):
+                raise ConfigError(f"sweep.params.{name} reaches an invalid training config at {value!r}: {problem}")
+        raise ConfigError(f"sweep.params reaches an invalid training config at {corner}: {_problem(overrides, corner)}")
+
+
+def _problem(overrides: list[str], params: dict[str, Any]) -> str | None:
+    try:
+        validate(trial_config(overrides, params, "."))
+    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
+        return first_line(exc)
+    return None
