@@ -97,7 +97,6 @@ class TrackingConfig:
     run_name: Any = MISSING  # str or None
     log_checkpoints: bool = MISSING
     log_model: bool = MISSING
-    flush_every: int = MISSING
 
 
 @dataclass
@@ -165,8 +164,6 @@ def validate(cfg: DictConfig) -> None:
         _require(t[key] > 0, f"trainer.{key}", t[key], "it must be a positive integer")
     _require(t.precision in PRECISIONS, "trainer.precision", t.precision,
              f"choose one of {', '.join(PRECISIONS)}")
-    _require(cfg.tracking.flush_every > 0, "tracking.flush_every", cfg.tracking.flush_every,
-             "it must be a positive integer")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

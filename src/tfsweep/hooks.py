@@ -5,15 +5,34 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from tfsweep.trainer import Trainer
-
 log = logging.getLogger(__name__)
+
+
+class Trainer(Protocol):
+    """What a hook may use of the trainer (`tfsweep.trainer.Trainer`, which imports this module)."""
+
+    cfg: DictConfig
+    steps: int
+    start_step: int
+    model_dir: Path
+    splits: Any
+    network: Any
+
+    @property
+    def stop_reason(self) -> str | None: ...
+
+    def request_stop(self, reason: str) -> None: ...
+
+    def last_probabilities(self) -> np.ndarray: ...
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 class Hook:

@@ -1,14 +1,20 @@
 """An Estimator-style trainer: model function + input functions + `model_dir` + hooks.
 
 The loop runs its steps in compiled chunks (one `tf.function` call per logging interval), so Python
-runs once per `log_every` steps rather than once per step; metrics are accumulated on the graph side
-and read only at logging points.
+runs once per `log_every` steps rather than once per step; the training metrics are Keras metrics
+updated on the graph side and read only at chunk ends.
+
+A checkpoint holds everything the next step depends on: weights, optimizer slots and iterations, the
+global step, the dropout layers' random-generator state and the running training metrics. The data
+position is the global step (the input function skips to it), so a run killed anywhere and resumed
+computes exactly what an uninterrupted run computes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
+import os
 import time
 from pathlib import Path
 
@@ -18,13 +24,16 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tfsweep.crashpoints import crashpoint
 from tfsweep.data import Splits
-from tfsweep.errors import NonFiniteLossError
+from tfsweep.errors import ConfigError, NonFiniteLossError, UserError
 from tfsweep.hooks import Hook
 from tfsweep.inputs import eval_input_fn, train_input_fn
 from tfsweep.model import Mode, build_network, model_fn
 
 log = logging.getLogger(__name__)
+
+FINISHED_FILE = "finished.json"  # in model_dir, written last: the run reached trainer.steps, with its metrics
 
 
 class Trainer:
@@ -34,23 +43,28 @@ class Trainer:
         self.cfg, self.splits, self.hooks = cfg, splits, list(hooks)
         self.steps = cfg.trainer.steps
         self.model_dir = Path(cfg.trainer.model_dir)
+        check_batch_size(cfg, splits)
         keras.utils.set_random_seed(cfg.trainer.seed)  # initial weights and dropout masks
         self.network = build_network(cfg.model, cfg.trainer.precision)
         self.optimizer = instantiate(cfg.optimizer)
         self.optimizer.build(self.network.trainable_variables)  # so a checkpoint can restore its slots
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.checkpoint = tf.train.Checkpoint(network=self.network, optimizer=self.optimizer,
-                                              global_step=self.global_step)
+        self.train_loss = keras.metrics.Mean(name="train/loss")
+        self.train_accuracy = keras.metrics.SparseCategoricalAccuracy(name="train/accuracy")
+        self.eval_loss = keras.metrics.Mean(name="loss")
+        self.eval_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        # Keras 3 checkpoints a model's weights only. The dropout layers' SeedGenerator states pick the
+        # next dropout masks: without them a resumed run draws the masks of step 0 again.
+        seed_states = [v for v in self.network.variables if not any(v is w for w in self.network.weights)]
+        self.checkpoint = tf.train.Checkpoint(
+            network=self.network, optimizer=self.optimizer, global_step=self.global_step,
+            dropout_seeds=seed_states, train_metrics=self.train_loss.variables + self.train_accuracy.variables)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.model_dir),
                                                   max_to_keep=cfg.trainer.keep_checkpoints,
                                                   step_counter=self.global_step)
-        # Running sums since the last logging point, kept on the graph side.
-        self._loss_sum = tf.Variable(0.0, trainable=False)
-        self._correct = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._seen = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._keep_probabilities = bool(cfg.trainer.log_probabilities)
-        self._probabilities = tf.Variable(tf.zeros([cfg.data.batch_size, cfg.model.num_classes]),
-                                          trainable=False)
+        self._probabilities = tf.Variable(tf.zeros([0, cfg.model.num_classes]), trainable=False,
+                                          shape=tf.TensorShape([None, cfg.model.num_classes]))
         self._stop_reason: str | None = None
         self.start_step = self._restore()
 
@@ -59,16 +73,38 @@ class Trainer:
         latest = self.manager.latest_checkpoint
         if latest is None:
             return 0
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        try:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as exc:
+            # TensorFlow's message names the variable and both shapes.
+            raise UserError(f"trainer.model_dir={self.model_dir} holds a checkpoint of another network or "
+                            f"optimizer ({_first_line(exc)}); use a new trainer.model_dir for these settings") from exc
         step = int(self.global_step.numpy())
         log.info("restored %s: resuming at global step %d", latest, step)
         return step
 
+    @property
+    def last_checkpoint_step(self) -> int | None:
+        latest = self.manager.latest_checkpoint
+        return None if latest is None else int(latest.rsplit("-", 1)[1])
+
     def save(self) -> str:
+        """Checkpoint the current step; a network that is no longer finite is never saved."""
+        if not bool(self._weights_are_finite()):
+            raise self._diverged("the weights", "not finite")
         path = self.manager.save(checkpoint_number=self.global_step)
+        crashpoint("trainer.mid_checkpoint")
         for hook in self.hooks:
             hook.after_checkpoint(self, int(self.global_step.numpy()), path)
+        crashpoint("trainer.after_checkpoint")
         return path
+
+    def _diverged(self, what: str, value: object) -> NonFiniteLossError:
+        kept = self.last_checkpoint_step
+        where = (f"the last finite checkpoint, step {kept}, stays in trainer.model_dir={self.model_dir}"
+                 if kept is not None else "no checkpoint was saved before it")
+        return NonFiniteLossError(f"{what} became {value} by step {int(self.global_step.numpy())}; lower "
+                                  f"optimizer.learning_rate ({where})")
 
     # -- compiled steps ----------------------------------------------------------------------------
     @tf.function
@@ -80,18 +116,20 @@ class Trainer:
             gradients = tape.gradient(spec.loss, self.network.trainable_variables)
             self.optimizer.apply_gradients(zip(gradients, self.network.trainable_variables))
             self.global_step.assign_add(1)
-            self._loss_sum.assign_add(spec.loss)
-            self._correct.assign_add(tf.reduce_sum(tf.cast(spec.predictions["classes"] == labels, tf.int64)))
-            self._seen.assign_add(tf.cast(tf.shape(labels)[0], tf.int64))
+            self.train_loss.update_state(spec.loss)
+            self.train_accuracy.update_state(labels, spec.predictions["probabilities"])
             if self._keep_probabilities:
                 self._probabilities.assign(spec.predictions["probabilities"])
+
+    @tf.function
+    def _weights_are_finite(self):
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.network.trainable_variables])
 
     @tf.function(reduce_retracing=True)
     def _eval_batch(self, features, labels):
         spec = model_fn(self.network, features, labels, Mode.EVAL)
-        batch = tf.shape(labels)[0]
-        correct = tf.reduce_sum(tf.cast(spec.predictions["classes"] == labels, tf.int64))
-        return spec.loss * tf.cast(batch, tf.float32), correct, batch
+        self.eval_loss.update_state(spec.loss, sample_weight=tf.shape(labels)[0])  # a mean over examples
+        self.eval_accuracy.update_state(labels, spec.predictions["probabilities"])
 
     @tf.function(reduce_retracing=True)
     def _predict_batch(self, features):
@@ -113,11 +151,11 @@ class Trainer:
         """Mean loss and accuracy over a whole split (`validation` or `test`), dropout off."""
         prefix = {"validation": "val", "test": "test"}[split]
         images, labels = getattr(self.splits, f"{split}_images"), getattr(self.splits, f"{split}_labels")
-        loss_sum, correct, count = 0.0, 0, 0
+        for metric in (self.eval_loss, self.eval_accuracy):
+            metric.reset_state()
         for features, batch_labels in eval_input_fn(images, labels, self.cfg.data.eval_batch_size):
-            batch_loss, batch_correct, batch = self._eval_batch(features, batch_labels)
-            loss_sum, correct, count = loss_sum + float(batch_loss), correct + int(batch_correct), count + int(batch)
-        metrics = {f"{prefix}/loss": loss_sum / max(count, 1), f"{prefix}/accuracy": correct / max(count, 1)}
+            self._eval_batch(features, batch_labels)
+        metrics = {f"{prefix}/{m.name}": float(m.result()) for m in (self.eval_loss, self.eval_accuracy)}
         step = int(self.global_step.numpy())
         for hook in self.hooks:
             hook.after_eval(self, step, prefix, metrics)
@@ -128,13 +166,10 @@ class Trainer:
         return {key: np.concatenate([b[key].numpy() for b in batches]) for key in ("classes", "probabilities")}
 
     def _read_and_reset_train_metrics(self, elapsed: float, steps_done: int) -> dict[str, float]:
-        seen = int(self._seen.numpy())
-        batches = seen / self.cfg.data.batch_size
-        logs = {"train/loss": float(self._loss_sum.numpy()) / max(batches, 1),
-                "train/accuracy": int(self._correct.numpy()) / max(seen, 1),
-                "global_step_per_sec": steps_done / elapsed if elapsed > 0 else float("nan")}
-        for variable in (self._loss_sum, self._correct, self._seen):
-            variable.assign(tf.zeros_like(variable))
+        logs = {m.name: float(m.result()) for m in (self.train_loss, self.train_accuracy)}
+        logs["global_step_per_sec"] = steps_done / elapsed if elapsed > 0 else float("nan")
+        for metric in (self.train_loss, self.train_accuracy):
+            metric.reset_state()
         return logs
 
     def train(self) -> dict[str, float]:
@@ -155,17 +190,18 @@ class Trainer:
                                     _next_multiple(step, t.eval_every), _next_multiple(step, t.checkpoint_every))
                 self._train_chunk(iterator, tf.constant(next_boundary - step, tf.int64))
                 step = next_boundary
+                # Every chunk, not only at log points: no evaluation or checkpoint of a diverged network.
+                loss = float(self.train_loss.result())
+                if not np.isfinite(loss):
+                    raise self._diverged("the training loss", loss)
                 at_end = step == self.steps
                 if step % t.log_every == 0 or at_end:
                     now = time.perf_counter()
                     logs = self._read_and_reset_train_metrics(now - tick, step - tick_step)
-                    if not math.isfinite(logs["train/loss"]):
-                        raise NonFiniteLossError(
-                            f"the training loss became {logs['train/loss']} by step {step}; lower "
-                            "optimizer.learning_rate (the last finite checkpoint is kept in model_dir)")
                     for hook in self.hooks:
                         hook.after_log(self, step, logs)
                     tick, tick_step = time.perf_counter(), step
+                crashpoint("trainer.mid_training")
                 if step % t.eval_every == 0 or at_end:
                     metrics.update(self.evaluate("validation"))
                 if step % t.checkpoint_every == 0 or at_end:
@@ -173,7 +209,7 @@ class Trainer:
             if self._stop_reason is not None:
                 log.info("stopped at step %d: %s", step, self._stop_reason)
             else:
-                if "val/accuracy" not in metrics:  # resumed a run that had already finished
+                if "val/accuracy" not in metrics:  # resumed a run whose last checkpoint is at `steps`
                     metrics.update(self.evaluate("validation"))
                 if t.evaluate_test:
                     metrics.update(self.evaluate("test"))
@@ -184,6 +220,34 @@ class Trainer:
         finally:
             for hook in self.hooks:
                 hook.end(self, error)
+
+
+def check_batch_size(cfg: DictConfig, splits: Splits) -> None:
+    """A training batch must fit in the training split (batches never wrap around an epoch)."""
+    available = len(splits.train_images)
+    if cfg.data.batch_size > available:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
+                          f"({available} images after data.validation_size={cfg.data.validation_size}); "
+                          f"use at most {available}")
+
+
+def read_finished(model_dir: str | Path) -> dict | None:
+    """The record `write_finished` left in `model_dir`, or None if the run there never finished."""
+    path = Path(model_dir) / FINISHED_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_finished(model_dir: str | Path, step: int, metrics: dict[str, float]) -> None:
+    """Record, atomically and last of all, that `model_dir`'s run reached `step` with `metrics`."""
+    path = Path(model_dir) / FINISHED_FILE
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
+    os.replace(temporary, path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _next_multiple(step: int, every: int) -> int:

@@ -7,10 +7,11 @@ import logging
 from omegaconf import DictConfig
 
 from tfsweep.config import validate
+from tfsweep.crashpoints import crashpoint
 from tfsweep.data import load_splits
 from tfsweep.errors import UserError
 from tfsweep.hooks import Hook, LoggingHook, ProbabilitiesHook, ProgressBarHook
-from tfsweep.trainer import Trainer
+from tfsweep.trainer import Trainer, read_finished, write_finished
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,15 @@ def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = N
     """Train, evaluate and checkpoint as `cfg` says; return the final metrics (`val/accuracy`, ...).
 
     `hooks` run after the built-in ones; `parent_run_id` nests the MLflow run under another one.
-    Everything that can be checked is checked before anything is written.
+    Everything that can be checked is checked before anything is written. A `model_dir` whose run
+    already reached `trainer.steps` is left as it is, and its recorded metrics are returned.
     """
     validate(cfg)
+    finished = read_finished(cfg.trainer.model_dir)
+    if finished is not None and finished["step"] == cfg.trainer.steps:
+        log.info("trainer.model_dir=%s already holds a run finished at step %d; nothing to do (use a new "
+                 "trainer.model_dir to train again)", cfg.trainer.model_dir, finished["step"])
+        return finished["metrics"]
     client = None
     if cfg.tracking.enabled:
         from tfsweep.tracking import connect
@@ -40,7 +47,12 @@ def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = N
 
         all_hooks.append(MlflowHook(cfg, client, parent_run_id=parent_run_id, tags=run_tags))
     all_hooks.extend(hooks)
-    return Trainer(cfg, splits, all_hooks).train()
+    trainer = Trainer(cfg, splits, all_hooks)
+    metrics = trainer.train()
+    if trainer.stop_reason is None:
+        crashpoint("trainer.before_finished_record")
+        write_finished(cfg.trainer.model_dir, cfg.trainer.steps, metrics)
+    return metrics
 
 
 def evaluate_checkpoint(cfg: DictConfig, split: str = "test") -> dict[str, float]:
