@@ -1,11 +1,13 @@
+import shutil
+
 import keras
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_config
-from tfsweep.config import flatten, validate
+from tfsweep.config import CONFIG_DIR, Precision, feature_map_size, flatten, validate
 from tfsweep.errors import ConfigError
 
 BASE = ["paths.output_dir=/tmp/out"]
@@ -55,19 +57,41 @@ def test_tracking_uri_follows_the_environment(monkeypatch):
     ("optimizer=adamw", ConfigCompositionException),         # unknown group option
     ("model.dropout=abc", ConfigCompositionException),       # wrong type
     ("trainer.steps=1.5", ConfigCompositionException),
+    ("trainer.precision=float16", ConfigCompositionException),  # not a Precision
 ])
 def test_bad_overrides_fail_at_compose_time(override, error):
     with pytest.raises(error):
         compose_config(BASE + [override])
 
 
-def test_a_typo_inside_a_yaml_option_fails_against_the_schema():
-    from omegaconf import OmegaConf
-    from tfsweep.config import ModelConfig
+@pytest.mark.parametrize("option, line, typo", [
+    ("model/cnn.yaml", "dense_units: 1024", "dense_unit: 1024"),
+    ("optimizer/adam.yaml", "beta_1: 0.9", "beta1: 0.9"),      # a key of the option's own schema
+    ("trainer/default.yaml", "seed: 0", "seed: zero"),         # a wrong type
+])
+def test_a_typo_inside_a_yaml_option_fails_against_the_schema(tmp_path, option, line, typo):
+    config_dir = tmp_path / "conf"
+    shutil.copytree(CONFIG_DIR, config_dir)
+    path = config_dir / option
+    assert line in path.read_text()
+    path.write_text(path.read_text().replace(line, typo))
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match=typo.split(":")[0]):
+            compose("train", overrides=BASE + [f"{option.split('/')[0]}={path.stem}"])
 
-    schema = OmegaConf.structured(ModelConfig)
-    with pytest.raises((ConfigKeyError, ValidationError)):
-        OmegaConf.merge(schema, {"dense_unit": 3})
+
+def test_schemas_are_not_offered_as_options():
+    options = {p.stem for p in CONFIG_DIR.glob("*/*.yaml")}
+    assert not {o for o in options if o.endswith("schema")}
+    for group in ("model", "optimizer", "data", "trainer", "tracking", "paths"):
+        with pytest.raises(ConfigCompositionException):
+            compose_config(BASE + [f"{group}={group}_schema"])
+
+
+def test_a_key_added_with_plus_is_refused_by_validate():
+    cfg = compose_config(BASE + ["+model.dropoutt=0.3"])  # Hydra lets `+` add a key the schema lacks
+    with pytest.raises(ConfigError, match=r"model\.dropoutt is not a config key"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -78,11 +102,37 @@ def test_a_typo_inside_a_yaml_option_fails_against_the_schema():
     ("data.batch_size=0", "data.batch_size"),
     ("trainer.steps=0", "trainer.steps"),
     ("trainer.eval_every=-5", "trainer.eval_every"),
-    ("trainer.precision=float16", "trainer.precision"),
+    ("data.validation_size=0", "data.validation_size"),
+    ("optimizer.learning_rate=inf", "optimizer.learning_rate"),
+    ("optimizer.learning_rate=nan", "optimizer.learning_rate"),
+    ("model.dropout=nan", "model.dropout"),
+    ("optimizer=adam optimizer.epsilon=inf", "optimizer.epsilon"),
+    ("model.pool_size=30", "model.pool_size=30 shrinks"),
+    ("model.filters=[8,8,8,8,8]", "model.filters"),
 ])
 def test_out_of_range_values_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_config(BASE + [override]))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        validate(compose_config(BASE + override.split()))
+
+
+@pytest.mark.parametrize("pool_size, blocks, size", [(2, 1, 14), (2, 2, 7), (2, 4, 1), (2, 5, 0), (3, 2, 3),
+                                                     (28, 1, 1), (30, 1, 0)])
+def test_feature_map_size_matches_keras(pool_size, blocks, size):
+    cfg = compose_config(BASE + [f"model.pool_size={pool_size}", f"model.filters=[{','.join(['2'] * blocks)}]"])
+    assert feature_map_size(cfg.model, 28) == size
+    if size:
+        from tfsweep.model import build_network
+
+        assert build_network(cfg.model).get_layer(f"pool{blocks}").output.shape[1:3] == (size, size)
+
+
+def test_precision_is_an_enum_that_keras_takes_as_its_name():
+    import keras
+
+    cfg = compose_config(BASE + ["trainer.precision=mixed_bfloat16"])
+    assert cfg.trainer.precision is Precision.mixed_bfloat16
+    assert keras.DTypePolicy(cfg.trainer.precision).compute_dtype == "bfloat16"
+    assert flatten(cfg)["trainer.precision"] == "mixed_bfloat16"
 
 
 def test_flatten_gives_dotted_keys():

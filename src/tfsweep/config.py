@@ -1,25 +1,35 @@
 """Typed schemas for the Hydra config groups.
 
-The yaml files under `conf/` extend these dataclasses, so an unknown key or a value of the wrong type
-fails when Hydra composes the config. Values live in the yaml files (one source of truth); the schemas
-only say which keys exist, their types, and which ranges are valid (checked by `validate`).
+`train_schema` (the `Config` dataclass) heads `conf/train.yaml`'s defaults list and types every group, so
+an unknown key or a value of the wrong type, on the command line or inside a yaml option, fails when
+Hydra composes the config. Values live in the yaml files (one source of truth); the schemas only say
+which keys exist, their types, and `validate` which ranges are valid.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from tfsweep.errors import ConfigError
 
-PRECISIONS = ("float32", "mixed_bfloat16")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class Precision(enum.StrEnum):
+    """Keras dtype policies the trainer supports; a StrEnum, so Keras and MLflow see the plain name."""
+
+    float32 = "float32"
+    mixed_bfloat16 = "mixed_bfloat16"  # logits and loss stay float32
 
 
 @dataclass
@@ -82,7 +92,7 @@ class TrainerConfig:
     checkpoint_every: int = MISSING
     keep_checkpoints: int = MISSING
     seed: int = MISSING
-    precision: str = MISSING
+    precision: Precision = MISSING
     model_dir: str = MISSING
     evaluate_test: bool = MISSING
     log_probabilities: bool = MISSING
@@ -116,18 +126,25 @@ class Config:
     paths: PathsConfig = MISSING
 
 
+def _output_dir() -> str:
+    """The job's output folder; before the job starts (`--cfg job --resolve`), the folder it will use.
+
+    Hydra sets `hydra.runtime.output_dir` only once the job runs, so `${hydra:runtime.output_dir}` alone
+    cannot be resolved by `--cfg job --resolve` or by checks that run before the folder is made.
+    """
+    hydra = HydraConfig.get()
+    return OmegaConf.select(hydra, "runtime.output_dir", default=None) or hydra.run.dir
+
+
 def register_configs() -> None:
-    """Store the schemas so that yaml options can extend them through their defaults list."""
+    """Store the schemas: `train_schema` types every group; an optimizer option that adds keys to
+    `OptimizerConfig` extends its own schema (`- /adam_optimizer_schema@_here_`). They are stored outside
+    the groups so that they are not offered as options."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=Config)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
-    cs.store(group="optimizer", name="momentum_schema", node=MomentumConfig)
-    cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
-    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
-    cs.store(group="paths", name="paths_schema", node=PathsConfig)
+    cs.store(name="momentum_optimizer_schema", node=MomentumConfig)
+    cs.store(name="adam_optimizer_schema", node=AdamConfig)
+    OmegaConf.register_new_resolver("tfsweep.output_dir", _output_dir, replace=True)
 
 
 def compose_config(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -136,6 +153,7 @@ def compose_config(config_name: str = "train", overrides: list[str] | tuple[str,
     Inside a running app (a sweep composing its trials) Hydra is already initialized with the right
     search path; elsewhere (tests, the benchmark, `fetch_data.py`) `conf/` is used.
     """
+    register_configs()
     if GlobalHydra.instance().is_initialized():
         return compose(config_name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -147,23 +165,61 @@ def _require(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
 
 
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of `node` that its schema lacks. Hydra lets `+key=value` (the form its own error
+    message suggests) add such a key to a typed node, and the node keeps its type, so compare each
+    typed node's keys with its dataclass's fields."""
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    unknown = []
+    for key in node.keys():
+        if known is not None and key not in known:
+            unknown.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not (child._is_none() or child._is_missing()
+                                                  or child._is_interpolation()):
+            unknown.extend(unknown_keys(child, f"{prefix}{key}."))
+    return unknown
+
+
+def feature_map_size(model: DictConfig, image_size: int) -> int:
+    """Height (= width) of the last pooling block's output: "same" convolutions keep the size, each
+    `pool_size` pooling with stride `pool_size` and "valid" padding floors it divided by `pool_size`."""
+    size = image_size
+    for _ in model.filters:
+        size //= model.pool_size
+    return size
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check the ranges that types alone cannot express; raise ConfigError naming the key."""
+    """Check what types alone cannot express; raise ConfigError naming the key and the fix."""
+    if unknown := unknown_keys(cfg):
+        raise ConfigError(f"{', '.join(unknown)} is not a config key: check the spelling against "
+                          "`python src/train.py --cfg job`")
     m, o, d, t = cfg.model, cfg.optimizer, cfg.data, cfg.trainer
+    for group in ("model", "optimizer"):
+        for key, value in cfg[group].items():
+            _require(not isinstance(value, float) or math.isfinite(value), f"{group}.{key}", value,
+                     "give a finite number")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "it must be in [0, 1)")
     _require(len(m.filters) >= 1 and all(f > 0 for f in m.filters), "model.filters", list(m.filters),
              "give one or more positive filter counts")
     for key in ("kernel_size", "pool_size", "dense_units", "num_classes"):
         _require(m[key] > 0, f"model.{key}", m[key], "it must be a positive integer")
+    from tfsweep.model import IMAGE_SIZE  # imports TensorFlow: only when there is a model to check
+
+    if feature_map_size(m, IMAGE_SIZE) < 1:
+        raise ConfigError(f"model.filters={list(m.filters)} with model.pool_size={m.pool_size} shrinks the "
+                          f"{IMAGE_SIZE}x{IMAGE_SIZE} images to nothing: use fewer conv blocks or a smaller "
+                          "pool_size")
     _require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "it must be positive")
     for key in ("batch_size", "eval_batch_size", "shuffle_buffer"):
         _require(d[key] > 0, f"data.{key}", d[key], "it must be a positive integer")
-    _require(d.validation_size >= 0, "data.validation_size", d.validation_size,
-             "it must be zero or a positive number of held-out training images")
+    _require(d.validation_size > 0, "data.validation_size", d.validation_size,
+             "hold out at least one training image; validation metrics and sweeps are computed on them")
     for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(t[key] > 0, f"trainer.{key}", t[key], "it must be a positive integer")
-    _require(t.precision in PRECISIONS, "trainer.precision", t.precision,
-             f"choose one of {', '.join(PRECISIONS)}")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:
