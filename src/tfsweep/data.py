@@ -7,6 +7,7 @@ moved into the cache after it verified, so the cache never holds a partial or co
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import logging
@@ -120,8 +121,29 @@ def _verified(payload: bytes | None, name: str, sha256: str, source: str) -> byt
     return payload
 
 
+def check_root(cfg: DictConfig) -> None:
+    """Refuse a `data.root` that is a file, or that cannot take the files still missing from it.
+
+    A read-only folder that already holds every file is fine (a shared copy of the data set).
+    """
+    root = Path(cfg.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.root={root} is a file: point data.root at a folder (it is made if missing)")
+    if all((root / cfg[split].name).is_file() for split in SPLIT_FILES):
+        return
+    existing = next(folder for folder in (root, *root.parents) if folder.exists())
+    try:  # writing is the one reliable test: `os.access` says yes to root on any permission bits
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise DataError(f"data.root={root} cannot take the data files ({exc.strerror}): point data.root at a "
+                        "writable folder, or put the files there first") from None
+
+
 def ensure_files(cfg: DictConfig) -> dict[str, Path]:
     """Make sure every IDX file of the data set is in `cfg.root`, verified; fetch what is missing."""
+    check_root(cfg)
     root = Path(cfg.root).expanduser()
     files = {split: cfg[split] for split in SPLIT_FILES}
     paths = {split: root / f.name for split, f in files.items()}
