@@ -1,18 +1,26 @@
-# Every target uses the project's virtual environment in .venv, creating it when missing.
+# Every target uses the project's virtual environment in .venv, creating it when missing from the
+# pinned, hashed versions in requirements.lock (the versions CI tests); `make lock` upgrades them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install data train test test-slow test-all sweep bench bench-quick ui clean
+.PHONY: install lock data train test test-slow test-all sweep bench bench-quick ui clean
 
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q --require-hashes -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+lock: install  ## re-resolve requirements.lock to the newest versions pyproject.toml allows, then reinstall
+	$(VENV)/bin/pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --generate-hashes --python-version 3.11 \
+	  --upgrade --custom-compile-command "make lock" -o requirements.lock
+	$(MAKE) install
 
 data: install  ## fetch and verify MNIST and Fashion-MNIST into the data cache
 	$(PY) src/fetch_data.py $(ARGS)

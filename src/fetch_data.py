@@ -4,9 +4,7 @@ import argparse
 import logging
 import sys
 
-from hydra import compose, initialize_config_dir
-
-from tfsweep.config import CONFIG_DIR, register_configs
+from tfsweep.config import compose_config
 from tfsweep.data import ensure_files
 from tfsweep.errors import UserError
 
@@ -23,16 +21,13 @@ def main() -> None:
     if unknown := set(names) - set(DATASETS):
         parser.error(f"unknown data set {', '.join(sorted(unknown))}; choose from {', '.join(DATASETS)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for name in names:
-            cfg = compose("train", overrides=[f"data={name}", "paths.output_dir=.", *overrides])
-            try:
-                paths = ensure_files(cfg.data)
-            except UserError as exc:
-                logging.error("%s", exc)
-                sys.exit(1)
-            logging.info("%s: verified %s", name, ", ".join(str(p) for p in paths.values()))
+    for name in names:
+        try:
+            paths = ensure_files(compose_config("train", [f"data={name}", "paths.output_dir=.", *overrides]).data)
+        except UserError as exc:
+            logging.error("%s", exc)
+            sys.exit(1)
+        logging.info("%s: verified %s", name, ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":
