@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from mlflow import MlflowClient
 
 from tfsweep.data import load_splits
-from tfsweep.errors import NonFiniteLossError
+from tfsweep.errors import ConfigError, NonFiniteLossError, UserError
 from tfsweep.hooks import Hook
 from tfsweep.inputs import train_input_fn
 from tfsweep.trainer import Trainer
@@ -100,12 +101,54 @@ def test_features_are_scaled_to_unit_range(make_cfg):
     assert float(tf.reduce_min(features)) >= 0.0 and float(tf.reduce_max(features)) == 1.0
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_no_bad_checkpoint(make_cfg):
+def test_nan_loss_from_the_start_says_no_checkpoint_exists_and_saves_none(make_cfg):
     cfg = make_cfg(**{"tracking.enabled": "false", "optimizer": "sgd", "optimizer.learning_rate": "1e12"})
-    with pytest.raises(NonFiniteLossError, match="optimizer.learning_rate"):
+    with pytest.raises(NonFiniteLossError, match=r"lower optimizer.learning_rate \(no checkpoint was saved"):
         train(cfg)
-    trainer = Trainer(cfg, load_splits(cfg.data))  # restores whatever checkpoint was kept
-    assert all(np.isfinite(w).all() for w in trainer.network.get_weights())
+    assert not list(Path(cfg.trainer.model_dir).glob("ckpt-*"))
+
+
+def test_a_diverging_run_never_replaces_its_last_finite_checkpoint(make_cfg):
+    # Checkpoints every 2 steps but log points only every 20, and one checkpoint kept: a diverged
+    # network saved at a checkpoint boundary would replace the last finite one.
+    class DivergeAfterStep4(Hook):
+        def after_checkpoint(self, trainer, step, path):
+            if step == 4:
+                trainer.network.get_layer("dense").kernel.assign(np.full((392, 32), np.inf, np.float32))
+
+    cfg = make_cfg(**{"tracking.enabled": "false", "trainer.keep_checkpoints": "1", "trainer.checkpoint_every": "2",
+                      "trainer.log_every": "20", "trainer.eval_every": "20", "trainer.steps": "40"})
+    with pytest.raises(NonFiniteLossError, match=r"became nan by step 6; lower optimizer.learning_rate \(the last "
+                                                 r"finite checkpoint, step 4, stays in trainer.model_dir="):
+        train(cfg, hooks=[DivergeAfterStep4()])
+    assert [p.name for p in Path(cfg.trainer.model_dir).glob("ckpt-*.index")] == ["ckpt-4.index"]
+    restored = Trainer(cfg, load_splits(cfg.data))
+    assert restored.start_step == 4 and all(np.isfinite(w).all() for w in restored.network.get_weights())
+
+
+@pytest.mark.parametrize("batch_size", ["201", "10000000000000"])
+def test_a_batch_larger_than_the_training_split_is_refused_before_anything_is_written(make_cfg, batch_size):
+    cfg = make_cfg(**{"data.batch_size": batch_size})  # the synthetic training split has 200 images
+    with pytest.raises(ConfigError, match=rf"data.batch_size={batch_size} is larger than the training split "
+                                          r"\(200 images.*use at most 200"):
+        train(cfg)
+    assert not Path(cfg.trainer.model_dir).exists()
+    assert MlflowClient(cfg.tracking.uri).search_runs(["0"]) == []
+    assert MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.tracking.experiment_name) is None
+
+
+def test_a_model_dir_of_another_network_is_refused_and_left_as_it_was(make_cfg):
+    train(make_cfg(**{"trainer.steps": "10", "tracking.log_model": "false"}))
+    cfg = make_cfg(**{"trainer.steps": "10", "model.filters": "[8,8]"})
+    before = {p.name: p.stat().st_mtime_ns for p in Path(cfg.trainer.model_dir).iterdir()}
+    with pytest.raises(UserError, match=r"trainer.model_dir=.* holds a checkpoint of another network .*"
+                                        r"shape \(5, 5, 1, 4\).*shape \(5, 5, 1, 8\).*conv1/kernel.*"
+                                        r"use a new trainer.model_dir"):
+        train(cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.trainer.model_dir).iterdir()} == before
+    runs = MlflowClient(cfg.tracking.uri).search_runs(
+        [MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
+    assert [run.info.status for run in runs] == ["FINISHED"]
 
 
 def test_mixed_bfloat16_trains(make_cfg):

@@ -8,6 +8,7 @@ process killed anywhere and run again completes the same run instead of adding t
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import tempfile
@@ -20,16 +21,14 @@ from typing import Iterator
 from unittest.mock import patch
 
 import mlflow
-from keras import __version__ as keras_version
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from omegaconf import DictConfig, OmegaConf
-from tensorflow import __version__ as tf_version
 
 from tfsweep.config import flatten
 from tfsweep.crashpoints import crashpoint
 from tfsweep.credentials import redact_url
-from tfsweep.errors import TrackingError
+from tfsweep.errors import TrackingError, first_line
 from tfsweep.hooks import Hook
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,6 @@ def _creating_sqlite_store(uri: str) -> Iterator[None]:
         yield
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
 def connect(uri: str) -> MlflowClient:
     """A client for `uri`, checked to answer and to accept writes; raise TrackingError naming it otherwise.
 
@@ -78,25 +72,30 @@ def connect(uri: str) -> MlflowClient:
     retried (the tables exist a moment later), never reported as an unreachable store.
     """
     shown = redact_url(uri)
-    for attempt in range(CREATION_ATTEMPTS):
+    for attempt in itertools.count(1):
+        problem = "cannot be reached"
         try:
             with _fail_fast(), _creating_sqlite_store(uri):
                 client = MlflowClient(tracking_uri=uri)
                 client.search_experiments(max_results=1)
-            break
+                problem = "cannot be written"
+                _probe_write(uri)
+            return client
         except Exception as exc:  # MLflow raises many types here (MlflowException, OSError, SQLAlchemy errors)
-            if _is_creation_race(exc) and attempt + 1 < CREATION_ATTEMPTS:
+            if _is_creation_race(exc) and attempt < CREATION_ATTEMPTS:
                 log.info("tracking store %s is being created by another process; retrying", shown)
                 time.sleep(0.25 * 2 ** attempt)  # backoff while the other process finishes its tables
                 continue
-            raise TrackingError(f"tracking.uri={shown!r} cannot be reached ({redact_url(_reason(exc))}); start "
-                                "the MLflow server, fix the URI, or unset MLFLOW_TRACKING_URI to use "
-                                "./mlflow.db") from exc
-    _check_writable(uri)
-    return client
+            reason = first_line(exc).replace(uri, shown)
+            if problem == "cannot be written":
+                target = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else "the database"
+                fix = f"make {target} writable, or set tracking.uri to a store you can write"
+            else:
+                fix = "start the MLflow server, fix the URI, or unset MLFLOW_TRACKING_URI to use ./mlflow.db"
+            raise TrackingError(f"tracking.uri={shown!r} {problem} ({reason}); {fix}") from exc
 
 
-def _is_creation_race(exc: BaseException) -> bool:
+def _is_creation_race(exc: BaseException | None) -> bool:
     while exc is not None:
         if any(sign in str(exc).lower() for sign in CREATION_RACE):
             return True
@@ -104,22 +103,17 @@ def _is_creation_race(exc: BaseException) -> bool:
     return False
 
 
-def _check_writable(uri: str) -> None:
-    """Fail now, before a run exists, on a database store that only reads (a read-only mlflow.db)."""
+def _probe_write(uri: str) -> None:
+    """Raise now, before a run exists, if a database store only reads (a read-only mlflow.db)."""
     from sqlalchemy import create_engine
-    from sqlalchemy.exc import SQLAlchemyError
 
-    if "://" not in uri or uri.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql", "mssql"):
+    if uri.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql", "mssql"):
         return  # an HTTP server or a file store reports its own errors
     engine = create_engine(uri)
     try:
         with engine.connect() as connection, connection.begin() as transaction:
-            connection.exec_driver_sql("DELETE FROM experiments WHERE 1 = 0")  # takes a write lock only
+            connection.exec_driver_sql("DELETE FROM experiments WHERE 1 = 0")  # needs write access, changes nothing
             transaction.rollback()
-    except SQLAlchemyError as exc:
-        target = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else redact_url(uri)
-        raise TrackingError(f"tracking.uri={redact_url(uri)!r} cannot be written ({_reason(exc)}); make "
-                            f"{target} writable, or set tracking.uri to a store you can write") from exc
     finally:
         engine.dispose()
 
@@ -264,6 +258,9 @@ def log_model(uri: str, run_id: str, trainer) -> None:
     Once per run: a run that has a model keeps it, and a model left unfinished by a killed process is
     replaced.
     """
+    from keras import __version__ as keras_version
+    from tensorflow import __version__ as tf_version
+
     client = MlflowClient(uri)
     experiment = client.get_run(run_id).info.experiment_id
     models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")

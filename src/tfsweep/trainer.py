@@ -22,18 +22,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tfsweep.crashpoints import crashpoint
 from tfsweep.data import Splits
-from tfsweep.errors import ConfigError, NonFiniteLossError, UserError
+from tfsweep.errors import ConfigError, NonFiniteLossError, UserError, first_line
 from tfsweep.hooks import Hook
 from tfsweep.inputs import eval_input_fn, train_input_fn
 from tfsweep.model import Mode, build_network, model_fn
 
 log = logging.getLogger(__name__)
 
-FINISHED_FILE = "finished.json"  # in model_dir, written last: the run reached trainer.steps, with its metrics
+FINISHED_FILE = "finished.json"  # in model_dir, written last: the settings of a run that reached its end, and its metrics
 
 
 class Trainer:
@@ -78,7 +78,7 @@ class Trainer:
         except (ValueError, AssertionError, tf.errors.OpError) as exc:
             # TensorFlow's message names the variable and both shapes.
             raise UserError(f"trainer.model_dir={self.model_dir} holds a checkpoint of another network or "
-                            f"optimizer ({_first_line(exc)}); use a new trainer.model_dir for these settings") from exc
+                            f"optimizer ({first_line(exc, 300)}); use a new trainer.model_dir for these settings") from exc
         step = int(self.global_step.numpy())
         log.info("restored %s: resuming at global step %d", latest, step)
         return step
@@ -231,23 +231,32 @@ def check_batch_size(cfg: DictConfig, splits: Splits) -> None:
                           f"use at most {available}")
 
 
-def read_finished(model_dir: str | Path) -> dict | None:
-    """The record `write_finished` left in `model_dir`, or None if the run there never finished."""
-    path = Path(model_dir) / FINISHED_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+def _settings(cfg: DictConfig) -> dict:
+    """What decides a run's result: the resolved config without where it is written or shown."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for group, key in (("paths", None), ("trainer", "model_dir"), ("trainer", "progress_bar"), ("tracking", "uri")):
+        if key is None:
+            settings.pop(group, None)
+        else:
+            settings.get(group, {}).pop(key, None)
+    return json.loads(json.dumps(settings))  # the form it takes in the record
 
 
-def write_finished(model_dir: str | Path, step: int, metrics: dict[str, float]) -> None:
-    """Record, atomically and last of all, that `model_dir`'s run reached `step` with `metrics`."""
-    path = Path(model_dir) / FINISHED_FILE
+def finished_metrics(cfg: DictConfig) -> dict[str, float] | None:
+    """The metrics of the run in `trainer.model_dir` if it reached `trainer.steps` with these settings."""
+    path = Path(cfg.trainer.model_dir) / FINISHED_FILE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record["metrics"] if record["settings"] == _settings(cfg) else None
+
+
+def record_finished(cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """Record, atomically and last of all, that the run in `trainer.model_dir` finished with `metrics`."""
+    path = Path(cfg.trainer.model_dir) / FINISHED_FILE
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
+    temporary.write_text(json.dumps({"settings": _settings(cfg), "metrics": metrics}, indent=1))
     os.replace(temporary, path)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _next_multiple(step: int, every: int) -> int:

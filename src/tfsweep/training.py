@@ -11,7 +11,7 @@ from tfsweep.crashpoints import crashpoint
 from tfsweep.data import load_splits
 from tfsweep.errors import UserError
 from tfsweep.hooks import Hook, LoggingHook, ProbabilitiesHook, ProgressBarHook
-from tfsweep.trainer import Trainer, read_finished, write_finished
+from tfsweep.trainer import Trainer, finished_metrics, record_finished
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +22,14 @@ def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = N
 
     `hooks` run after the built-in ones; `parent_run_id` nests the MLflow run under another one.
     Everything that can be checked is checked before anything is written. A `model_dir` whose run
-    already reached `trainer.steps` is left as it is, and its recorded metrics are returned.
+    already finished with the same settings is left as it is, and its recorded metrics are returned.
     """
     validate(cfg)
-    finished = read_finished(cfg.trainer.model_dir)
-    if finished is not None and finished["step"] == cfg.trainer.steps:
-        log.info("trainer.model_dir=%s already holds a run finished at step %d; nothing to do (use a new "
-                 "trainer.model_dir to train again)", cfg.trainer.model_dir, finished["step"])
-        return finished["metrics"]
+    finished = finished_metrics(cfg)
+    if finished is not None:
+        log.info("trainer.model_dir=%s already holds this run, finished at step %d; nothing to do (use a new "
+                 "trainer.model_dir to train again)", cfg.trainer.model_dir, cfg.trainer.steps)
+        return finished
     client = None
     if cfg.tracking.enabled:
         from tfsweep.tracking import connect
@@ -51,7 +51,7 @@ def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = N
     metrics = trainer.train()
     if trainer.stop_reason is None:
         crashpoint("trainer.before_finished_record")
-        write_finished(cfg.trainer.model_dir, cfg.trainer.steps, metrics)
+        record_finished(cfg, metrics)
     return metrics
 
 
