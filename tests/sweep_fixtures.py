@@ -56,7 +56,7 @@ def tiny_overrides(tmp: Path, study: str = "tiny", steps: int = 30) -> list[str]
         "trainer.precision=float32",
         f"tracking.uri=sqlite:///{tmp}/mlflow.db", "tracking.log_checkpoints=false",
         f"sweep.study_name={study}", f"sweep.dir={tmp}/{study}", f"paths.root_dir={tmp}",
-        "sweep.sampler.n_startup_trials=2", "sweeps/pruner=none",
+        "sweeps/pruner=none",
     ]
 
 

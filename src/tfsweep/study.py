@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import numpy
 import optuna
 import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -107,9 +108,10 @@ def load_study(sweep: SweepConfig, storage: optuna.storages.BaseStorage) -> optu
 
 
 def use_sampler(study: optuna.Study, sweep: SweepConfig, position: int) -> None:
-    """Seed the sampler by the trial's place in the budget: a resumed study, or a second worker, draws
-    the values an uninterrupted single worker would have drawn, not a replay of the first draws."""
-    study.sampler = build("sampler", sweep.sampler, seed=None if sweep.seed is None else sweep.seed + position)
+    """Seed the sampler by `sweep.seed` and the trial's place in the budget: a resumed study, or a second
+    worker, draws what one uninterrupted worker would have drawn, not a replay of the first draws."""
+    seed = None if sweep.seed is None else int(numpy.random.SeedSequence([sweep.seed, position]).generate_state(1)[0])
+    study.sampler = build("sampler", sweep.sampler, seed=seed)
 
 
 _engines: dict[str, sqlalchemy.Engine] = {}

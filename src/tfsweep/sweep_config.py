@@ -191,8 +191,6 @@ def check(cfg: DictConfig) -> SweepConfig:
             distribution(spec)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"sweep.params.{name} is invalid: {first_line(exc)}") from exc
-        if spec.type is ParamType.categorical and not spec.choices:
-            raise ConfigError(f"sweep.params.{name}.choices is empty: list at least one value")
     check_corners(command_overrides(cfg), sweep.params)
     return sweep
 
