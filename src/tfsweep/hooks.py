@@ -23,7 +23,8 @@ class Trainer(Protocol):
     start_step: int
     model_dir: Path
     splits: Any
-    network: Any
+    network: Any  # keras.Model
+    manager: Any  # tf.train.CheckpointManager of model_dir
 
     @property
     def stop_reason(self) -> str | None: ...
@@ -43,6 +44,8 @@ class Hook:
     def after_log(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None: ...
 
     def after_eval(self, trainer: Trainer, step: int, split: str, metrics: dict[str, float]) -> None: ...
+
+    def before_checkpoint(self, trainer: Trainer, step: int) -> None: ...
 
     def after_checkpoint(self, trainer: Trainer, step: int, path: str) -> None: ...
 

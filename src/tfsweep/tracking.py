@@ -213,13 +213,21 @@ class MlflowHook(Hook):
     def after_eval(self, trainer, step, split, metrics):
         self._log(step, metrics)
 
+    def before_checkpoint(self, trainer, step):
+        # The points up to a checkpoint are stored before it exists: a resumed run recomputes only
+        # the steps after it, so points still queued at a kill would otherwise be lost for good.
+        self._wait_for_queue()
+
+    def _wait_for_queue(self) -> None:
+        for operation in self._sending:
+            operation.wait()
+        self._sending = []
+
     def end(self, trainer, error):
         if self.run_id is None:
             return
         crashpoint("tracking.before_flush")
-        for operation in self._sending:
-            operation.wait()
-        self._sending = []
+        self._wait_for_queue()
         if error is None:
             if self.cfg.tracking.log_checkpoints:
                 self._log_checkpoints(trainer)

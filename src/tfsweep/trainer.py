@@ -92,6 +92,8 @@ class Trainer:
         """Checkpoint the current step; a network that is no longer finite is never saved."""
         if not bool(self._weights_are_finite()):
             raise self._diverged("the weights", "not finite")
+        for hook in self.hooks:
+            hook.before_checkpoint(self, int(self.global_step.numpy()))
         path = self.manager.save(checkpoint_number=self.global_step)
         crashpoint("trainer.mid_checkpoint")
         for hook in self.hooks:
