@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 
 from tfsweep.config import CONFIG_DIR
 from tfsweep.errors import UserError
-from tfsweep.sweep import run_sweep
 from tfsweep.sweep_config import register_sweep_configs
 
 log = logging.getLogger("sweep")
@@ -17,6 +16,8 @@ register_sweep_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sweep")
 def main(cfg: DictConfig) -> float | None:
+    from tfsweep.sweep import run_sweep  # TensorFlow loads only once the config passed its checks
+
     try:
         result = run_sweep(cfg)
     except UserError as exc:

@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 
 from tfsweep.config import CONFIG_DIR, register_configs
 from tfsweep.errors import UserError
-from tfsweep.training import train
 
 log = logging.getLogger("train")
 register_configs()
@@ -16,6 +15,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
+    from tfsweep.training import train  # TensorFlow loads only once the config passed its checks
+
     try:
         metrics = train(cfg)
     except UserError as exc:

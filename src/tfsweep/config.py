@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from tfsweep.data import IMAGE_SIZE
 from tfsweep.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -207,8 +208,6 @@ def validate(cfg: DictConfig) -> None:
              "give one or more positive filter counts")
     for key in ("kernel_size", "pool_size", "dense_units", "num_classes"):
         _require(m[key] > 0, f"model.{key}", m[key], "it must be a positive integer")
-    from tfsweep.model import IMAGE_SIZE  # imports TensorFlow: only when there is a model to check
-
     if feature_map_size(m, IMAGE_SIZE) < 1:
         raise ConfigError(f"model.filters={list(m.filters)} with model.pool_size={m.pool_size} shrinks the "
                           f"{IMAGE_SIZE}x{IMAGE_SIZE} images to nothing: use fewer conv blocks or a smaller "

@@ -27,6 +27,7 @@ from tfsweep.errors import DataError
 
 log = logging.getLogger(__name__)
 
+IMAGE_SIZE = 28  # MNIST and Fashion-MNIST images are 28x28; `load_splits` refuses other files
 SPLIT_FILES = ("train_images", "train_labels", "test_images", "test_labels")
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 DOWNLOAD_TIMEOUT_S = 20
@@ -211,6 +212,10 @@ def load_splits(cfg: DictConfig) -> Splits:
     paths = ensure_files(cfg)
     arrays = {split: read_idx(paths[split].read_bytes(), str(paths[split])) for split in SPLIT_FILES}
     images, labels = arrays["train_images"], arrays["train_labels"].astype(np.int32)
+    for split in ("train_images", "test_images"):
+        if arrays[split].shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(f"{paths[split]} holds images of shape {arrays[split].shape[1:]}, not "
+                            f"{IMAGE_SIZE}x{IMAGE_SIZE}: data={cfg.name} must point at MNIST-style files")
     if len(images) != len(labels) or len(arrays["test_images"]) != len(arrays["test_labels"]):
         raise DataError(f"the image and label files of data={cfg.name} in {paths['train_images'].parent} "
                         "hold different numbers of examples; delete them and fetch them again")

@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig
 
-IMAGE_SIZE = 28
+from tfsweep.data import IMAGE_SIZE
 
 
 class Mode(enum.Enum):
