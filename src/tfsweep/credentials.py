@@ -46,7 +46,8 @@ def redact_url(url: str) -> str:
         return str(url)
     if secret_keys := _secret_query_keys(parsed):
         parsed = parsed.update_query_dict({key: "***" for key in secret_keys})
-    return parsed.render_as_string(hide_password=True)
+    # SQLAlchemy percent-encodes query values; show our placeholder as it shows a hidden password.
+    return parsed.render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
 
 
 def move_secret(where: str, url: Any) -> tuple[str, dict[str, str]] | None:
