@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,12 +15,15 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf, open_dict
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from sweep_fixtures import PROJECT_DIR, journal_trials, run_sweep_command, sweep_command, sweep_env, tiny_overrides
+from tfsweep import study as studies
 from tfsweep.errors import UserError
+from tfsweep.journal import DamagedJournalError, check_journal
 from tfsweep.sweep import run_sweep
-from tfsweep.sweep_config import ParamSpec, compose_sweep
+from tfsweep.sweep_config import ParamSpec, SweepConfig, compose_sweep
 
 EXPERIMENT = "mnist-cnn"  # tracking.experiment_name for data=mnist, model=cnn
 
@@ -98,7 +103,9 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
     again = run_sweep(cfg)
     assert len(load(cfg).trials) == 3 and again["mlflow_parent_run_id"] == parent.info.run_id
     assert len(runs(tmp_path, "study")) == 1
-    assert len(client.get_metric_history(parent.info.run_id, "best_test_accuracy")) == 1
+    assert [len(client.get_metric_history(parent.info.run_id, key)) for key in
+            ("best_value", "best_test_accuracy", "n_complete")] == [1, 1, 1]
+    assert again["best_test_accuracy"] == result["best_test_accuracy"] and not again["published"]
 
     # Where the best trial's folder is missing (it ran on another machine), its logged checkpoints are used.
     shutil.rmtree(study.best_trial.user_attrs["trial_dir"])
@@ -234,6 +241,116 @@ def test_two_workers_share_one_study_without_duplicates(tmp_path):
     assert len(complete) == 6
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # both workers took trials
     assert all(t.state == TrialState.COMPLETE or t.user_attrs.get("surplus") for t in trials)
-    assert len(runs(tmp_path, "study")) == 1
+    [parent] = runs(tmp_path, "study")
     children = runs(tmp_path, "trial")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == sorted(t.number for t in complete)
+    # Only the worker that finished the study published it: one final summary, one best value.
+    assert sum("best trial" in output for output in outputs) == 1, outputs
+    assert parent.info.status == "FINISHED"
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(parent.info.run_id, "best_value")
+    assert len(history) == 1
+
+
+# -- the journal and dead workers, through Optuna alone (no training) -------------------------------
+def finished_study(tmp: Path, n: int = 2) -> tuple[Path, optuna.Study]:
+    path = tmp / "journal.log"
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(path))),
+                                direction="maximize")
+    for value in range(n):
+        study.add_trial(optuna.create_trial(value=value, params={"model.dropout": 0.1 * value},
+                                            distributions={"model.dropout": FloatDistribution(0, 0.7)}))
+    return path, study
+
+
+def test_a_journal_cut_in_its_last_line_is_repaired_with_a_backup_and_keeps_every_finished_trial(tmp_path):
+    path, _ = finished_study(tmp_path)
+    intact = path.read_bytes()
+    path.write_bytes(intact + b'{"op_code": 6, "worker_id": "x", "tri')  # a crash in the middle of an append
+    check_journal(path)
+    assert path.read_bytes() == intact
+    [backup] = tmp_path.glob("journal.log.damaged-*")
+    assert backup.read_bytes() == intact + b'{"op_code": 6, "worker_id": "x", "tri'
+    assert [t.value for t in journal_trials(path, "tiny")] == [0, 1]
+    # The study takes new records again (Optuna would otherwise glue the next one onto the torn line).
+    optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(path)))).ask()
+    assert len(journal_trials(path, "tiny")) == 3
+
+
+def test_a_journal_whose_last_record_lacks_only_its_newline_keeps_that_record(tmp_path):
+    path, _ = finished_study(tmp_path)
+    path.write_bytes(path.read_bytes().removesuffix(b"\n"))
+    check_journal(path)
+    assert [t.value for t in journal_trials(path, "tiny")] == [0, 1]
+
+
+def test_a_journal_damaged_before_its_end_is_refused_in_one_line_and_left_as_it_was(tmp_path):
+    path, _ = finished_study(tmp_path)
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = lines[1][:10]
+    path.write_bytes(b"\n".join(lines))
+    damaged = path.read_bytes()
+    with pytest.raises(DamagedJournalError, match=r"journal.log is damaged at line 2 .*left as it was") as error:
+        check_journal(path)
+    assert "\n" not in str(error.value)
+    assert path.read_bytes() == damaged and not list(tmp_path.glob("journal.log.damaged-*"))
+
+
+def sweep_settings(tmp: Path) -> SweepConfig:
+    return OmegaConf.to_object(sweep_cfg(tmp).sweep)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("owner", ["none", "worker only", "dead", "claimed for another trial"])
+def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again_whenever_it_died(tmp_path, owner):
+    sweep = sweep_settings(tmp_path)
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    trial = study.ask()
+    trial.suggest_float("model.dropout", 0.0, 0.7)
+    me = f"{socket.gethostname()}:{dead_pid()}"
+    if owner != "none":
+        trial.set_user_attr("worker", me)
+    if owner in ("dead", "claimed for another trial"):
+        trial.set_user_attr("claimed_trial", trial.number + (owner != "dead"))
+    with studies.study_lock(sweep):
+        studies.recover(study, sweep)
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and "fail_reason" not in first.user_attrs
+    assert retry.state == TrialState.WAITING and retry.params == first.params
+    assert studies.retry_history(retry) == [first.number]
+    with studies.study_lock(sweep):  # recovering twice queues nothing more
+        studies.recover(study, sweep)
+    assert len(study.get_trials()) == 2
+
+
+def test_a_trial_of_a_live_worker_is_left_alone(tmp_path):
+    sweep = sweep_settings(tmp_path)
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    trial = study.ask()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")
+    trial.set_user_attr("claimed_trial", trial.number)
+    with studies.study_lock(sweep):
+        studies.recover(study, sweep)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
+def test_a_trial_whose_end_was_torn_off_the_journal_is_retried_not_dropped(tmp_path):
+    sweep = sweep_settings(tmp_path)
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    trial = study.ask()
+    trial.suggest_float("model.dropout", 0.0, 0.7)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead_pid()}")
+    trial.set_user_attr("claimed_trial", trial.number)
+    journal = Path(sweep.storage)
+    before_tell = journal.stat().st_size
+    study.tell(trial, 0.5)
+    with open(journal, "r+b") as file:  # the crash cut the record that completed the trial
+        file.truncate(before_tell + 20)
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    with studies.study_lock(sweep):
+        studies.recover(study, sweep)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
