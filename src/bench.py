@@ -4,20 +4,20 @@ import argparse
 import logging
 from pathlib import Path
 
-from tfsweep import bench
+from tfsweep.bench import report, suite
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs for development (a few minutes)")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep rows (6 and 7)")
-    parser.add_argument("--results-dir", type=Path, default=bench.RESULTS_DIR)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep rows (6 to 8)")
+    parser.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("tfsweep.hooks", "tfsweep.trainer", "tfsweep.tracking", "tfsweep.sweep", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    result = bench.run("quick" if args.quick else "full", with_sweep=not args.no_sweep)
-    path = bench.save(result, args.results_dir)
+    result = suite.run("quick" if args.quick else "full", with_sweep=not args.no_sweep)
+    path = report.save(result, args.results_dir)
     print(result["table"])
     print(f"\nsaved {path}")
 

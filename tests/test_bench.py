@@ -1,10 +1,14 @@
 import json
+from pathlib import Path
 
 import pytest
+from sweep_fixtures import tiny_overrides
 
-from tfsweep import bench
+from tfsweep.bench import machine, overhead, report, runs, suite
+from tfsweep.bench.stats import alternate, median_ratio
 from tfsweep.data import load_splits
 
+RESULTS = sorted((Path(__file__).resolve().parents[1] / "bench" / "results").glob("*.json"))
 ZEN4_CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 25
@@ -20,64 +24,131 @@ vendor_id\t: AuthenticAMD
 
 def test_alternate_rotates_the_order_every_round():
     calls = []
-    results = bench.alternate({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
+    results = alternate({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert results == {"a": [1, 1, 1], "b": [2, 2, 2]}
 
 
 def test_median_ratio_pairs_rounds_and_drops_the_disturbed_one():
-    # Round 2 ran while the machine was busy for the denominator only.
-    assert bench.median_ratio([10, 11, 12], [5, 1, 6]) == pytest.approx(2.0)
+    # Round 2 ran while the machine was busy for the denominator only; the ratio of medians would be 2.2.
+    assert median_ratio([10, 11, 12], [5, 1, 6]) == pytest.approx(2.0)
     with pytest.raises(ValueError):
-        bench.median_ratio([1, 2], [1])
+        median_ratio([1, 2], [1])
 
 
 def test_float32_peak_counts_zen4_avx512_as_256_bit_halves():
-    cpu = bench.read_cpuinfo(ZEN4_CPUINFO)
+    cpu = machine.read_cpuinfo(ZEN4_CPUINFO)
     assert cpu["vendor"] == "AuthenticAMD" and cpu["family"] == 25 and "avx512_bf16" in cpu["flags"]
-    peak, assumption = bench.float32_peak(cpu, cores=2)
+    peak, assumption = machine.float32_peak(cpu, cores=2)
     assert peak == pytest.approx(2 * 2.6e9 * 32)
     assert "2 cores" in assumption
     intel = {**cpu, "vendor": "GenuineIntel", "family": 6}
-    assert bench.float32_peak(intel, cores=2)[0] == pytest.approx(2 * 2.6e9 * 64)
+    assert machine.float32_peak(intel, cores=2)[0] == pytest.approx(2 * 2.6e9 * 64)
 
 
 def test_time_to_and_accuracy_at_read_the_curve():
     points = [(10.0, 100, 0.95), (20.0, 200, 0.991), (30.0, 300, 0.989), (40.0, 400, 0.993)]
-    assert bench.time_to(points, 0.99) == 20.0
-    assert bench.time_to(points, 0.999) is None
-    assert bench.accuracy_at(points, 29.0) == 0.991
-    assert bench.accuracy_at(points, 5.0) is None
+    assert runs.time_to(points, 0.99) == 20.0  # the first crossing, not the last
+    assert runs.time_to(points, 0.999) is None
+    assert runs.accuracy_at(points, 29.0) == 0.991
+    assert runs.accuracy_at(points, 5.0) is None
 
 
-def test_measurements_on_synthetic_data(make_cfg, tmp_path):
-    cfg = make_cfg(**{"tracking.enabled": "false", "trainer.steps": "20", "trainer.evaluate_test": "false"})
-    ours = bench.trainer_run(cfg)
-    assert ours["steps_per_sec"] > 0 and ours["wall_seconds"] > 0 and "val/accuracy" in ours
-    assert bench.keras_fit_run(cfg, load_splits(cfg.data))["steps_per_sec"] > 0
+def test_speed_measurements_on_synthetic_data_agree_with_each_other(make_cfg):
+    cfg = make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40", "trainer.evaluate_test": "false"})
+    ours = runs.trainer_run(cfg)
+    timed_steps = cfg.trainer.steps - cfg.trainer.log_every  # from the first log point on
+    assert timed_steps / ours["steps_per_sec"] < ours["wall_seconds"]  # the timed window lies inside the run
+    assert 0 <= ours["val/accuracy"] <= 1
+    keras_fit = runs.keras_fit_run(cfg, load_splits(cfg.data))
+    # The same network, batch and data: a unit slip (examples for steps, ms for s) would leave this band.
+    assert 0.1 < ours["steps_per_sec"] / keras_fit["steps_per_sec"] < 10
 
-    curve = bench.curve_run(make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40",
-                                        "trainer.model_dir": str(tmp_path / "curve")}), every=10)
+
+def test_accuracy_curve_checks_the_test_split_off_the_clock(make_cfg, tmp_path):
+    curve = runs.curve_run(make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40",
+                                       "trainer.model_dir": str(tmp_path / "curve")}), every=10)
     assert [step for _, step, _ in curve["points"]] == [10, 20, 30, 40]
     seconds = [s for s, _, _ in curve["points"]]
-    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert seconds == sorted(seconds)
     assert curve["points"][-1][2] == pytest.approx(curve["test/accuracy"])  # same split, same weights
 
 
 def test_budget_stops_training_early(make_cfg):
     cfg = make_cfg(**{"tracking.enabled": "false", "trainer.steps": "1000"})
-    curve = bench.curve_run(cfg, every=5, budget_s=0.0)
+    curve = runs.curve_run(cfg, every=5, budget_s=0.0)
     assert [step for _, step, _ in curve["points"]] == [5]
 
 
-def test_table_and_saved_json_name_the_machine(tmp_path):
-    machine = bench.machine()
-    result = {"mode": "quick", "machine": machine, "settings": {"speed_steps": 10}, "rows": {
+def test_table_names_the_machine_and_keeps_row_numbers(tmp_path):
+    described = machine.describe()
+    result = {"mode": "quick", "machine": described, "settings": {"speed_steps": 10}, "rows": {
         "trainer_vs_keras": {"value": 1.25, "goal": ">= 1.0",
-                             "detail": {"trainer_steps_per_sec": 20.0, "keras_fit_steps_per_sec": 16.0}}},
+                             "detail": {"trainer_steps_per_sec": 20.0, "keras_fit_steps_per_sec": 16.0}},
+        "trial_overhead": {"value": 0.25, "goal": "<= 0.10", "detail": {
+            "mean_outside_seconds": 2.0, "mean_trial_seconds": 8.0, "trials_measured": 3, "trial_steps": 100,
+            "phases_seconds": {name: 0.25 for name in overhead.PHASES}}}},
               "curves": {"tutorial": [(1.0, 50, 0.9), (2.0, 100, 0.95)], "fast": [(1.0, 50, 0.97), (2.0, 100, 0.99)]}}
-    path = bench.save(result, tmp_path)
-    saved = json.loads(path.read_text())
-    assert saved["machine"]["tensorflow"] and saved["machine"]["cores"] >= 1
-    assert "| 1 | trainer vs bare Keras" in saved["table"] and "1.25x" in saved["table"]
+    saved = json.loads(report.save(result, tmp_path).read_text())
+    lines = saved["table"].splitlines()
+    assert lines[2] == "| 1 | trainer vs bare Keras `model.fit` (steps/s, float32, batch 100) | 1.25x | ≥ 1.0x " \
+                       "| 20.0 vs 16.0 steps/s |"
+    assert lines[3].startswith("| 8 | trial overhead") and "| 25.0% | ≤ 10% |" in lines[3]
+    assert "trace and compile 0.25 s" in lines[3] and "2.0 s of a 8.0 s trial" in lines[3]
+    cpu = machine.read_cpuinfo()
+    assert f"{cpu['model_name']} (family {cpu['family']} model {cpu['model']}), {described['cores']} cores" in lines[-1]
+    assert saved["machine"]["tensorflow"] == described["tensorflow"]
     assert (tmp_path / saved["plot"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])
+def test_saved_results_still_render_to_their_own_table(path):
+    saved = json.loads(path.read_text())
+    assert report.table(saved) == saved["table"]
+
+
+def test_first_chunk_excess_compares_with_the_steady_step_time():
+    # 50 steps took 3 s at first, then 0.5 s per 50 steps: 2.5 s went to tracing.
+    assert overhead.first_chunk_excess([(50, 3.0), (50, 0.5), (100, 1.0)]) == pytest.approx(2.5)
+    assert overhead.first_chunk_excess([(50, 3.0)]) == 0.0  # nothing to compare with
+
+
+def test_breakdown_adds_up_to_the_wall_time():
+    def record(number, first_evaluation):
+        t = overhead.TrialRecord(number, wall_seconds=20.0, between_seconds=1.0)
+        t.calls.update({"model_build": [0.5], "mlflow": [0.25, 0.75], "evaluations": [first_evaluation, 1.0, 1.0],
+                        "checkpoint_saves": [0.5], "checkpoint_uploads": [1.5], "clear_keras": [0.25]})
+        timer = overhead.ChunkTimer()
+        timer.intervals, timer.training_seconds = [(50, 4.0), (50, 1.0), (50, 1.0)], 6.0
+        t.timers.append(timer)
+        return t
+
+    result = overhead.breakdown([record(0, 3.0), record(1, 2.0)])
+    assert result["steady_evaluation_seconds"] == 1.0
+    first, second = result["per_trial"]
+    assert first["phases_seconds"]["trace_and_compile"] == pytest.approx(3.0 + 2.0)  # train 3 s + eval 2 s
+    assert second["phases_seconds"]["trace_and_compile"] == pytest.approx(3.0 + 1.0)
+    assert first["phases_seconds"]["evaluations"] == pytest.approx(3.0)
+    assert first["training_seconds"] == pytest.approx(3.0)
+    assert first["phases_seconds"]["rest"] == pytest.approx(21.0 - 3.0 - (5 + 0.5 + 1 + 3 + 0.5 + 1.5 + 0.25 + 1))
+    assert sum(first["phases_seconds"].values()) + first["training_seconds"] == pytest.approx(21.0)
+    assert result["mean_trial_seconds"] == 21.0 and result["trials_measured"] == 2
+    assert first["calls"]["evaluations"] == 3
+
+
+def test_sweep_rows_time_every_trial_by_phase(tmp_path):
+    shrink = [o for o in tiny_overrides(tmp_path) if "pruner" not in o]  # the pruning row sets its own
+    rows = suite.sweep_rows(suite.MODES["quick"], tmp_path, (*shrink, "sweep.n_trials=2", "tracking.log_checkpoints=true"))
+    assert rows["pruning"]["detail"]["none"]["n_complete"] == 2
+    detail = rows["trial_overhead"]["detail"]
+    assert detail["trials_measured"] == 4 and detail["trial_steps"] == 30
+    for trial in detail["per_trial"]:
+        # steps 30, eval_every 10, checkpoint_every 10: each phase is seen as often as the trainer runs it
+        assert trial["calls"]["evaluations"] == 3 and trial["calls"]["checkpoint_saves"] == 3
+        assert trial["calls"]["model_build"] == 1 and trial["calls"]["clear_keras"] == 1
+        assert trial["calls"]["checkpoint_uploads"] >= 1 and trial["calls"]["mlflow"] >= 3
+        phases = trial["phases_seconds"]
+        assert phases["rest"] > -0.05  # no second counted twice
+        # Tracing the training step costs more than several steady steps of this tiny network.
+        assert phases["trace_and_compile"] > 5 * trial["training_seconds"] / 30 > 0
+    assert 0 < rows["trial_overhead"]["value"] < 1

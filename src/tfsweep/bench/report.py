@@ -1,0 +1,164 @@
+"""A benchmark result as people read it: a markdown table naming the machine, an accuracy-vs-time plot,
+and the JSON file both are saved in."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tfsweep.bench.overhead import PHASES
+from tfsweep.bench.runs import FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET
+
+RESULTS_DIR = Path(__file__).resolve().parents[3] / "bench" / "results"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _pruning(d: dict, result: dict) -> str:
+    on, off = d["median"], d["none"]
+    pruner = f"{on['pruner']}: " if "pruner" in on else ""  # older results: the median pruner
+    return (f"{pruner}{on['wall_seconds']:.0f} vs {off['wall_seconds']:.0f} s; best val accuracy {pct(on['best_value'])} "
+            f"vs {pct(off['best_value'])}; {on['n_pruned']} of {on['n_complete'] + on['n_pruned']} trials pruned")
+
+
+def _bfloat16(d: dict, result: dict) -> str:
+    measured = f"{d['bfloat16_steps_per_sec']:.1f} vs {d['float32_steps_per_sec']:.1f} steps/s"
+    if "bfloat16_test_accuracy" in d:
+        measured += (f"; test accuracy after {d['fast_preset_steps']} steps of the fast preset "
+                     f"{pct(d['bfloat16_test_accuracy'])} vs {pct(d['float32_test_accuracy'])} "
+                     f"({d['accuracy_difference_points']:+.2f} points)")
+    return measured
+
+
+def _time_to_accuracy(d: dict, result: dict) -> str:
+    fast = "not reached" if d["fast_seconds_to_99.0"] is None else f"{d['fast_seconds_to_99.0']:.0f} s"
+    if d["tutorial_seconds_to_97.3"] is not None:
+        tutorial = f"tutorial config to 97.3%: {d['tutorial_seconds_to_97.3']:.0f} s"
+    else:
+        tutorial = (f"tutorial config: 97.3% not reached in {d['tutorial_budget_seconds']:.0f} s "
+                    f"({pct(d['tutorial_accuracy_at_budget'])} then, "
+                    f"{pct(d['tutorial_accuracy_at_fast_time'])} at the fast preset's time)")
+    return f"fast preset to 99.0%: {fast}; {tutorial}"
+
+
+def _trial_overhead(d: dict, result: dict) -> str:
+    phases = "; ".join(f"{label} {d['phases_seconds'][name]:.2f} s" for name, label in PHASES.items())
+    return (f"{d['mean_outside_seconds']:.1f} s of a {d['mean_trial_seconds']:.1f} s trial "
+            f"(mean of {d['trials_measured']} trials of {d['trial_steps']} steps): {phases}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: which result row, what it compares, how its value reads, its goal, the context."""
+
+    key: str
+    comparison: str
+    value: Callable[[dict], str]
+    goal: str
+    measured: Callable[[dict, dict], str]
+
+
+ROWS = (  # numbered in this order; a row not measured (--no-sweep) keeps its number free
+    Row("trainer_vs_keras", "trainer vs bare Keras `model.fit` (steps/s, float32, batch 100)",
+        lambda row: times(row["value"]), "≥ 1.0x",
+        lambda d, result: f"{d['trainer_steps_per_sec']:.1f} vs {d['keras_fit_steps_per_sec']:.1f} steps/s"),
+    Row("bfloat16_vs_float32", "mixed_bfloat16 vs float32 (steps/s)", lambda row: times(row["value"]),
+        "≥ 1.8x, accuracy within 0.2 points", _bfloat16),
+    Row("tracking_overhead", "MLflow tracking on vs off (training loop)", lambda row: pct(row["value"]), "< 2%",
+        lambda d, result: (
+            f"whole {result['settings']['speed_steps']}-step run {pct(d['whole_run_overhead'])} "
+            f"({d['per_run_seconds']:.1f} s per run: run creation, params, checkpoints and model upload); "
+            f"projected for the default {d['default_steps']}-step run {pct(d['projected_overhead_default_run'])}")),
+    Row("hardware_efficiency", "trainer FLOP/s vs a float32 matmul in the same process",
+        lambda row: pct(row["value"]), "report",
+        lambda d, result: (
+            f"{d['trainer_float32_flops'] / 1e9:.0f} GFLOP/s float32 ({d['flops_per_example'] / 1e6:.1f} "
+            f"MFLOP/example) vs {d['matmul_float32_flops'] / 1e9:.0f} GFLOP/s matmul {d['matmul_size']}²; "
+            f"{pct(d['fraction_of_peak'])} of the float32 peak (bfloat16: {d['trainer_bfloat16_flops'] / 1e9:.0f} "
+            f"GFLOP/s, {pct(d['bfloat16_fraction_of_float32_peak'])} of the float32 peak)")),
+    Row("time_to_accuracy", "time to accuracy: fast preset to 99.0% vs tutorial config to 97.3%",
+        lambda row: ("> " if row["detail"]["speedup_is_lower_bound"] and row["value"] is not None else "")
+        + times(row["value"]), "report", _time_to_accuracy),
+    Row("pruning", "sweep with median pruning vs without (wall time, same seed)", lambda row: times(row["value"]),
+        "report", _pruning),
+    Row("sweep_overhead", "sweep overhead: a trial's time outside training steps", lambda row: pct(row["value"]),
+        "report", lambda d, result: (
+            f"{d['median_overhead_seconds']:.1f} s of a {d['median_trial_seconds']:.1f} s trial (median); "
+            f"{d['storage']} of {max(v or 0 for v in d['storage_bytes'].values()) / 1024:.0f} KiB")),
+    Row("trial_overhead", "trial overhead by phase: time outside training steps, both sweeps' trials",
+        lambda row: pct(row["value"]), "≤ 10%", _trial_overhead),
+)
+
+
+def table(result: dict[str, Any]) -> str:
+    """The rows as a markdown table: what was compared, the ratio, the goal and the measured context."""
+    lines = ["| # | comparison | result | goal | measured |", "|---|---|---|---|---|"]
+    for number, row in enumerate(ROWS, start=1):
+        if measured := result["rows"].get(row.key):
+            lines.append(f"| {number} | {row.comparison} | {row.value(measured)} | {row.goal} "
+                         f"| {row.measured(measured['detail'], result)} |")
+    m = result["machine"]
+    lines.append("")
+    lines.append(f"{m['cpu']} (family {m['cpu_family']} model {m['cpu_model']}), {m['cores']} cores, "
+                 f"{', '.join(m['isa'])}; TensorFlow {m['tensorflow']}, Keras {m['keras']}; "
+                 f"{result['mode']} mode, {m['date']}. Float32 peak assumed: {m['peak_assumption']}.")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, list], path: Path) -> None:
+    """Test accuracy against training wall time for the tutorial's configuration and the fast preset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, label in (("tutorial", "tutorial config (SGD 0.001, batch 100, float32)"),
+                        ("fast", f"experiment={FAST_PRESET}")):
+        points = curves[name]
+        ax.plot([p[0] for p in points], [100 * p[2] for p in points], marker="o", markersize=3, label=label)
+    for target in (FAST_TARGET, TUTORIAL_TARGET):
+        ax.axhline(100 * target, color="grey", linewidth=0.6, linestyle="--")
+    lowest = min(100 * p[2] for points in curves.values() for p in points)
+    ax.set(xlabel="training wall time (s)", ylabel="MNIST test accuracy (%)", ylim=(max(0, lowest - 2), 100),
+           title="Test accuracy vs wall time")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    """Write `<date>-<mode>.json` (and the accuracy plot) into results_dir; return the json path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.fromisoformat(result["machine"]["date"]).strftime("%Y-%m-%dT%H%M")
+    path = results_dir / f"{stamp}-{result['mode']}.json"
+    if "curves" in result:
+        plot_path = results_dir / f"{stamp}-{result['mode']}-accuracy-vs-time.png"
+        plot(result["curves"], plot_path)
+        result["plot"] = plot_path.name
+    result["table"] = table(result)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,192 @@
+"""The benchmark's rows, measured in one process: what runs for each row, and how its ratio is formed."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfsweep.bench import machine, overhead
+from tfsweep.bench.runs import (FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET, Workspace, accuracy_at, curve_run,
+                                keras_fit_run, time_to, trainer_run)
+from tfsweep.bench.stats import alternate, median_ratio
+from tfsweep.config import compose_config
+
+log = logging.getLogger(__name__)
+
+PRUNING_SIDES = {"median": (), "none": ("sweeps/pruner=none",)}  # the pruning row's two sweeps
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long each measurement runs; `quick` is for development, `full` for the README's table."""
+
+    speed_steps: int           # steps per speed run; timed from the first log point (after tracing)
+    repeats: int               # runs per side of each A/B comparison; the median is reported
+    matmul_size: int           # n of the n x n float32 matmul that stands for "what this CPU can do"
+    tutorial_budget_s: float   # wall seconds the tutorial configuration may train in the accuracy row
+    monitor_every: int         # steps between test-split checks of the fast preset in the accuracy row
+    tutorial_monitor_every: int  # the same for the tutorial's configuration, which learns more slowly
+    fast_overrides: tuple[str, ...] = ()  # applied on top of the fast preset (quick: fewer steps)
+    sweep_overrides: tuple[str, ...] = ("sweeps=bench",)  # the sweep of rows 6-8: a file in sweeps/
+
+
+MODES = {
+    "quick": Settings(speed_steps=150, repeats=2, matmul_size=1024, tutorial_budget_s=30, monitor_every=100,
+                      tutorial_monitor_every=200, fast_overrides=("trainer.steps=400",),
+                      sweep_overrides=("sweeps=bench_quick",)),
+    "full": Settings(speed_steps=200, repeats=5, matmul_size=2048, tutorial_budget_s=180, monitor_every=100,
+                     tutorial_monitor_every=500),
+}
+
+
+def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None) -> dict[str, Any]:
+    """Measure every row; return {mode, machine, settings, rows: {...}, runs, curves}."""
+    settings = MODES[mode]
+    root = Path(tempfile.mkdtemp(prefix="tfsweep-bench-", dir=workdir))
+    result: dict[str, Any] = {"mode": mode, "machine": machine.describe(), "settings": asdict(settings), "rows": {}}
+    try:
+        speed_rows(settings, Workspace(root), result)
+        accuracy_rows(settings, Workspace(root), result)
+        if with_sweep:
+            log.info("rows 6-8: the benchmark's sweep with pruning on and off, its trials timed by phase")
+            result["rows"].update(sweep_rows(settings, root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> None:
+    """Rows 1-4: steps/s of our trainer against bare Keras, bfloat16, tracking off, and a matmul."""
+    import keras
+
+    from tfsweep.data import load_splits
+    from tfsweep.model import build_network, training_flops_per_example
+
+    speed = ("trainer.evaluate_test=false", f"trainer.steps={settings.speed_steps}")
+    tutorial = ws.config(*speed)
+    splits = load_splits(tutorial.data)
+    log.info("rows 1-4: %d alternating rounds of %d-step runs", settings.repeats, settings.speed_steps)
+    runs = alternate({
+        "trainer": lambda: trainer_run(ws.config(*speed)),
+        "keras_fit": lambda: keras_fit_run(ws.config(*speed), splits),
+        "trainer_bfloat16": lambda: trainer_run(ws.config(*speed, "trainer.precision=mixed_bfloat16")),
+        "trainer_untracked": lambda: trainer_run(ws.config(*speed, "tracking.enabled=false")),
+    }, settings.repeats)
+    result["runs"] = runs
+    sps = {name: [r["steps_per_sec"] for r in values] for name, values in runs.items()}
+    rows = result["rows"]
+    rows["trainer_vs_keras"] = {
+        "value": median_ratio(sps["trainer"], sps["keras_fit"]), "goal": ">= 1.0",
+        "detail": {"trainer_steps_per_sec": statistics.median(sps["trainer"]),
+                   "keras_fit_steps_per_sec": statistics.median(sps["keras_fit"])}}
+    rows["bfloat16_vs_float32"] = {
+        "value": median_ratio(sps["trainer_bfloat16"], sps["trainer"]), "goal": ">= 1.8",
+        "detail": {"bfloat16_steps_per_sec": statistics.median(sps["trainer_bfloat16"]),
+                   "float32_steps_per_sec": statistics.median(sps["trainer"])}}
+    wall = {name: [r["wall_seconds"] for r in runs[name]] for name in ("trainer", "trainer_untracked")}
+    loop_overhead = 1 - median_ratio(sps["trainer"], sps["trainer_untracked"])
+    fixed = statistics.median(np.subtract(wall["trainer"], wall["trainer_untracked"]))
+    default_steps = compose_config("train", [f"paths.output_dir={ws.root / 'unused'}"]).trainer.steps
+    rows["tracking_overhead"] = {
+        "value": loop_overhead, "goal": "< 0.02",
+        "detail": {"whole_run_overhead": median_ratio(wall["trainer"], wall["trainer_untracked"]) - 1,
+                   "per_run_seconds": fixed,
+                   "projected_overhead_default_run": loop_overhead + fixed * statistics.median(
+                       sps["trainer_untracked"]) / default_steps,
+                   "default_steps": default_steps}}
+
+    flops_per_example = training_flops_per_example(build_network(tutorial.model, "float32"))
+    matmul = machine.matmul_flops(settings.matmul_size)
+    achieved, achieved_bf16 = (statistics.median(sps[name]) * tutorial.data.batch_size * flops_per_example
+                               for name in ("trainer", "trainer_bfloat16"))
+    peak = result["machine"]["float32_peak_flops"]
+    rows["hardware_efficiency"] = {
+        "value": achieved / matmul, "goal": "report",
+        "detail": {"flops_per_example": flops_per_example, "trainer_float32_flops": achieved,
+                   "trainer_bfloat16_flops": achieved_bf16, "matmul_float32_flops": matmul,
+                   "matmul_size": settings.matmul_size, "fraction_of_peak": achieved / peak,
+                   "bfloat16_fraction_of_float32_matmul": achieved_bf16 / matmul,
+                   "bfloat16_fraction_of_float32_peak": achieved_bf16 / peak,
+                   "matmul_fraction_of_peak": matmul / peak}}
+    keras.backend.clear_session()
+
+
+def accuracy_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> None:
+    """Row 5, and row 2's accuracy: test accuracy against training time, fast preset and tutorial config."""
+    import keras
+
+    log.info("row 5: time to accuracy (fast preset, then the tutorial's configuration)")
+    fast = curve_run(ws.config(f"experiment={FAST_PRESET}", *settings.fast_overrides), settings.monitor_every)
+    fast_float32 = trainer_run(ws.config(f"experiment={FAST_PRESET}", *settings.fast_overrides,
+                                         "trainer.precision=float32"))
+    tutorial = curve_run(ws.config(), settings.tutorial_monitor_every, settings.tutorial_budget_s)
+    fast_seconds = time_to(fast["points"], FAST_TARGET)
+    tutorial_seconds = time_to(tutorial["points"], TUTORIAL_TARGET)
+    budget_seconds = tutorial["points"][-1][0]
+    rows = result["rows"]
+    rows["bfloat16_vs_float32"]["detail"].update({
+        "fast_preset_steps": fast["points"][-1][1],
+        "bfloat16_test_accuracy": fast["test/accuracy"], "float32_test_accuracy": fast_float32["test/accuracy"],
+        "accuracy_difference_points": 100 * (fast["test/accuracy"] - fast_float32["test/accuracy"])})
+    speedup = None if fast_seconds is None else (tutorial_seconds or budget_seconds) / fast_seconds
+    rows["time_to_accuracy"] = {
+        "value": speedup, "goal": "report",
+        "detail": {"fast_seconds_to_99.0": fast_seconds, "tutorial_seconds_to_97.3": tutorial_seconds,
+                   "tutorial_budget_seconds": budget_seconds,
+                   "tutorial_accuracy_at_budget": tutorial["points"][-1][2],
+                   "tutorial_accuracy_at_fast_time": None if fast_seconds is None
+                   else accuracy_at(tutorial["points"], fast_seconds),
+                   "speedup_is_lower_bound": tutorial_seconds is None}}
+    result["curves"] = {"tutorial": tutorial["points"], "fast": fast["points"]}
+    keras.backend.clear_session()
+
+
+def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Rows 6-8: the benchmark's sweep (same sampler seed) with its pruner on and off, every trial timed
+    by phase. `extra_overrides` apply to both sweeps (tests shrink them with it); the sides' pruners, study
+    names and folders are set after them."""
+    from tfsweep.sweep import run_sweep
+    from tfsweep.sweep_config import compose_sweep
+
+    outcomes: dict[str, dict[str, Any]] = {}
+    with overhead.measure_trials() as clock:
+        for side, pruning in PRUNING_SIDES.items():  # one run each: a sweep is too long to repeat here
+            study_dir = root / f"sweep-{side}"
+            cfg = compose_sweep([*settings.sweep_overrides, *extra_overrides, *pruning,
+                                 f"sweep.study_name=bench-{side}", f"sweep.dir={study_dir}",
+                                 f"paths.output_dir={study_dir}", f"tracking.uri=sqlite:///{root / 'sweep.db'}"])
+            outcome = run_sweep(cfg)
+            outcome["pruner"] = cfg.sweep.pruner._target_.rsplit(".", 1)[-1]
+            storage = Path(str(cfg.sweep.storage))
+            outcome["storage_bytes"] = storage.stat().st_size if storage.exists() else None
+            outcomes[side] = outcome
+    on, off = outcomes["median"], outcomes["none"]
+    trials = [t for t in on["trials"] + off["trials"] if t["seconds"] is not None]
+    phases = overhead.breakdown(clock.trials)
+    return {
+        "pruning": {
+            "value": on["wall_seconds"] / off["wall_seconds"], "goal": "report",
+            "detail": {side: {key: outcome[key] for key in ("pruner", "wall_seconds", "n_complete", "n_pruned",
+                                                             "n_failed", "best_value", "best_params")}
+                       for side, outcome in outcomes.items()}},
+        "sweep_overhead": {
+            "value": statistics.median([(t["seconds"] - t["training_seconds"]) / t["seconds"] for t in trials]),
+            "goal": "report",
+            "detail": {"median_trial_seconds": statistics.median([t["seconds"] for t in trials]),
+                       "median_overhead_seconds": statistics.median(
+                           [t["seconds"] - t["training_seconds"] for t in trials]),
+                       "storage_bytes": {side: o["storage_bytes"] for side, o in outcomes.items()},
+                       "storage": "Optuna journal file"}},
+        "trial_overhead": {
+            "value": sum(r["outside_seconds"] for r in phases["per_trial"])
+            / sum(r["wall_seconds"] for r in phases["per_trial"]),
+            "goal": "<= 0.10",
+            "detail": {"trial_steps": cfg.trainer.steps, **phases}},
+    }
