@@ -8,6 +8,7 @@ everything they printed is searched for them.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,8 +88,10 @@ def mlflow_server(tmp_path_factory):
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                "--artifacts-destination", str(root / "artifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no queue consumers to clean up
     with open(root / "server.log", "wb") as server_log:
-        server = subprocess.Popen(command, cwd=root, stdout=server_log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -100,7 +103,7 @@ def mlflow_server(tmp_path_factory):
                 time.sleep(0.5)
         yield f"127.0.0.1:{port}", root
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the CLI and its uvicorn worker
         server.wait(timeout=60)
 
 
