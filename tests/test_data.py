@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import N_TEST, N_TRAIN, N_VALIDATION, make_dataset
-from tfsweep.data import ensure_files, load_splits, read_idx, write_idx
+from tfsweep.data import check_root, ensure_files, load_splits, read_idx, write_idx
 from tfsweep.errors import DataError
 
 
@@ -102,3 +102,36 @@ def test_offline_without_fallback_names_the_files_and_the_fix(tmp_path):
         ensure_files(cfg)
     assert cfg.train_images.name in str(info.value) and cfg.test_labels.name in str(info.value)
     assert "data.root" in str(info.value)
+
+
+def test_data_root_that_is_a_file_is_refused_before_anything_is_fetched(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    cfg = data_cfg({**make_dataset(tmp_path / "data"), "data.root": str(tmp_path / "a-file" / "mnist")})
+    with pytest.raises(DataError, match=r"cannot take the data files .*a-file is a file"):
+        check_root(cfg)
+    cfg.root = str(tmp_path / "a-file")
+    with pytest.raises(DataError, match=r"data.root=.*a-file is a file"):
+        ensure_files(cfg)
+
+
+def test_data_root_that_cannot_be_written_is_refused_unless_it_holds_every_file(tmp_path):
+    from test_cli import unwritable_folder
+
+    cfg = data_cfg({**make_dataset(tmp_path / "data"), "data.root": unwritable_folder(tmp_path)})
+    with pytest.raises(DataError, match="cannot take the data files"):
+        check_root(cfg)
+    cfg.root = str(tmp_path / "data")  # complete: a read-only shared copy would do
+    check_root(cfg)
+    before = sorted(tmp_path.rglob("*"))
+    cfg.root = str(tmp_path / "new" / "mnist")  # writable: the check itself leaves nothing behind
+    check_root(cfg)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_images_of_another_size_are_refused(tmp_path):
+    cfg = data_cfg(make_dataset(tmp_path))
+    path = tmp_path / cfg.train_images.name
+    write_idx(np.zeros((N_TRAIN, 32, 32), dtype=np.uint8), path)
+    cfg.train_images.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match=r"shape \(32, 32\), not 28x28"):
+        load_splits(cfg)
