@@ -33,7 +33,7 @@ from tfsweep.model import Mode, build_network, model_fn
 
 log = logging.getLogger(__name__)
 
-FINISHED_FILE = "finished.json"  # in model_dir, written last: the settings of a run that reached its end, and its metrics
+FINISHED_FILE = "finished.json"  # in model_dir, written last: a finished run's settings and metrics
 
 
 class Trainer:
@@ -78,7 +78,8 @@ class Trainer:
         except (ValueError, AssertionError, tf.errors.OpError) as exc:
             # TensorFlow's message names the variable and both shapes.
             raise UserError(f"trainer.model_dir={self.model_dir} holds a checkpoint of another network or "
-                            f"optimizer ({first_line(exc, 300)}); use a new trainer.model_dir for these settings") from exc
+                            f"optimizer ({first_line(exc, 300)}); use a new trainer.model_dir for these "
+                            "settings") from exc
         step = int(self.global_step.numpy())
         log.info("restored %s: resuming at global step %d", latest, step)
         return step
@@ -236,11 +237,8 @@ def check_batch_size(cfg: DictConfig, splits: Splits) -> None:
 def _settings(cfg: DictConfig) -> dict:
     """What decides a run's result: the resolved config without where it is written or shown."""
     settings = OmegaConf.to_container(cfg, resolve=True)
-    for group, key in (("paths", None), ("trainer", "model_dir"), ("trainer", "progress_bar"), ("tracking", "uri")):
-        if key is None:
-            settings.pop(group, None)
-        else:
-            settings.get(group, {}).pop(key, None)
+    del settings["paths"], settings["trainer"]["model_dir"], settings["trainer"]["progress_bar"]
+    del settings["tracking"]["uri"]  # may carry a password; the store is not a setting of the run
     return json.loads(json.dumps(settings))  # the form it takes in the record
 
 
