@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweep_fixtures import tiny_overrides
+from sweep_fixtures import sweep_command, sweep_env, tiny_overrides
 from tfsweep.sweep import run_sweep
 from tfsweep.sweep_config import compose_sweep
 
@@ -65,3 +65,22 @@ def test_two_workers_share_a_postgresql_study_with_exactly_the_requested_trials(
     children = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'trial'")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == sorted(t.number for t in complete)
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {result["mlflow_parent_run_id"]}
+
+
+def test_workers_started_together_on_a_fresh_database_all_work_and_no_password_is_recorded(tmp_path, postgres_url):
+    """Optuna creates its tables on first use; three workers doing it at once must take turns, not die.
+    The libpq form of a password (`?password=`) is accepted by the server (trust) and must be redacted."""
+    secret = "Pl4nted-Secret"
+    storage = f"{postgres_url}?password={secret}"
+    overrides = tiny_overrides(tmp_path, steps=20) + [f"sweep.storage='{storage}'", "sweep.n_trials=4"]
+    workers = [subprocess.Popen(sweep_command(overrides), env=sweep_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], "\n-----\n".join(o[-1500:] for o in outputs)
+
+    study = optuna.load_study(study_name="tiny", storage=postgres_url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert sum("best trial" in output for output in outputs) == 1  # one worker published the results
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts]
+    assert not [str(p) for p in written if secret.encode() in p.read_bytes()]  # MLflow's db and artifacts, logs
+    assert not [o for o in outputs if secret in o]

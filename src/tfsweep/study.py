@@ -107,6 +107,13 @@ def load_study(sweep: SweepConfig, storage: optuna.storages.BaseStorage) -> optu
                                    pruner=build("pruner", sweep.pruner), load_if_exists=True)
 
 
+def ask(study: optuna.Study) -> optuna.Trial:
+    with warnings.catch_warnings():
+        # Optuna warns that a heartbeat is meant for Study.optimize; run_trial runs its heartbeat thread.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask()
+
+
 def use_sampler(study: optuna.Study, sweep: SweepConfig, position: int) -> None:
     """Seed the sampler by `sweep.seed` and the trial's place in the budget: a resumed study, or a second
     worker, draws what one uninterrupted worker would have drawn, not a replay of the first draws."""

@@ -217,8 +217,7 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
                 if position >= sweep.n_trials:
                     return
                 studies.use_sampler(study, sweep, position)
-                with studies.experimental_ok():
-                    trial = study.ask()
+                trial = studies.ask(study)
                 crashpoint("sweep.after_trial_created")
                 studies.claim(study, trial)
                 crashpoint("sweep.after_owner_recorded")
