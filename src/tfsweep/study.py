@@ -168,11 +168,17 @@ def counted_trials(study: optuna.Study) -> int:
     return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
+def finished_trials(study: optuna.Study) -> int:
+    return sum(counts(t) and t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
 def is_finished(study: optuna.Study, n_trials: int) -> bool:
     """All the budget's trials have ended (none is running in another worker)."""
-    trials = study.get_trials(deepcopy=False)
-    return sum(counts(t) and t.state.is_finished() for t in trials) >= n_trials and not any(
-        t.state == TrialState.RUNNING for t in trials)
+    return finished_trials(study) >= n_trials and not any_running(study)
+
+
+def any_running(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def retry_history(trial: FrozenTrial) -> list[int]:

@@ -205,8 +205,7 @@ def work(ctx: SweepContext, worker_index: int, show_progress: bool) -> None:
 def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
     sweep, started = ctx.sweep, time.monotonic()
     study = studies.load_study(sweep, studies.open_storage(sweep))
-    finished = lambda: sum(t.state.is_finished() and studies.counts(t) for t in study.get_trials(deepcopy=False))
-    with tqdm(total=sweep.n_trials, initial=finished(), unit="trial", desc=sweep.study_name, dynamic_ncols=True,
+    with tqdm(total=sweep.n_trials, initial=studies.finished_trials(study), unit="trial", desc=sweep.study_name, dynamic_ncols=True,
               disable=None if show_progress else True) as bar, logging_redirect_tqdm():
         # study.optimize is not used: its n_trials is per process and MaxTrialsCallback can overshoot by
         # n_workers-1, while the budget here is exact and a trial must be created and claimed under one lock.
@@ -223,7 +222,7 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
                 crashpoint("sweep.after_owner_recorded")
             run_trial(ctx, study, trial)
             log.info("%s", _summary(study.trials[trial.number], sweep.metric))
-            bar.update(finished() - bar.n)
+            bar.update(studies.finished_trials(study) - bar.n)
 
 
 def _helper_worker(ctx: SweepContext, worker_index: int) -> None:
@@ -245,16 +244,14 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     the trials that ran) and `published` (whether this command published the finished study's results).
     """
     started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "Using an existing study" and the like
     sweep = check(cfg)
     storage = studies.open_storage(sweep)
     ctx = SweepContext(sweep, command_overrides(cfg), cfg.tracking.experiment_name,
                        cfg.tracking.uri if cfg.tracking.enabled else None)
     client = ctx.client()
     study = studies.load_study(sweep, storage)
-    done = lambda: sum(t.state.is_finished() and studies.counts(t) for t in study.get_trials(deepcopy=False))
     already_finished = studies.is_finished(study, sweep.n_trials)
-    log.info("study %s in %s: %d of %d trials done", study.study_name, redact_url(sweep.storage), done(),
-             sweep.n_trials)
     if client is not None:
         settings = {f"sweep.{k}": v for k, v in flatten(cfg.sweep).items()}
         settings["sweep.storage"] = redact_url(sweep.storage)  # no database password in MLflow
@@ -265,9 +262,12 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         result.update(best_test_accuracy=sweep_tracking.recorded_test_accuracy(
             client, ctx.parent_run_id, study.best_trial.number), best_config=str(Path(sweep.dir) / BEST_CONFIG))
         log.info("study %s is finished (%d of %d trials) and its results are on MLflow run %s; nothing to do: "
-                 "raise sweep.n_trials to extend it", study.study_name, done(), sweep.n_trials, ctx.parent_run_id)
+                 "raise sweep.n_trials to extend it", study.study_name, studies.finished_trials(study),
+                 sweep.n_trials, ctx.parent_run_id)
         return {**result, "wall_seconds": time.perf_counter() - started, "mlflow_parent_run_id": ctx.parent_run_id,
                 "published": False}
+    log.info("study %s in %s: %d of %d trials done", study.study_name, redact_url(sweep.storage),
+             studies.finished_trials(study), sweep.n_trials)
     if client is not None:
         sweep_tracking.set_status(client, ctx.parent_run_id, RunStatus.RUNNING)
 
@@ -291,7 +291,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         if result["published"]:
             result.update(publish_results(cfg, ctx, study, client, result))
         elif not studies.is_finished(study, sweep.n_trials):
-            status = RunStatus.KILLED if sweep.timeout is not None and not _others_running(study) else None
+            status = None if studies.any_running(study) else RunStatus.KILLED  # stopped by sweep.timeout
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
@@ -304,9 +304,9 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     result["wall_seconds"] = time.perf_counter() - started
     result["mlflow_parent_run_id"] = ctx.parent_run_id
     if not result["published"]:
-        log.info("study %s: %d of %d trials done; %s", sweep.study_name, done(), sweep.n_trials,
-                 "the worker that finishes the last one publishes the results" if _others_running(study)
-                 else "run the same command again to continue")
+        log.info("study %s: %d of %d trials done; %s", sweep.study_name, studies.finished_trials(study),
+                 sweep.n_trials, "the worker that finishes the last one publishes the results"
+                 if studies.any_running(study) else "run the same command again to continue")
         return result
     log.info("study %s: %d complete, %d pruned, %d failed, %d interrupted in %.0f s", sweep.study_name,
              result["n_complete"], result["n_pruned"], result["n_failed"], result["n_interrupted"],
@@ -318,10 +318,6 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         log.info("retrain it: python src/train.py --config-dir %s --config-name %s",
                  Path(result["best_config"]).parent, Path(result["best_config"]).stem)
     return result
-
-
-def _others_running(study: optuna.Study) -> bool:
-    return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
 def _is_publisher(study: optuna.Study, sweep: SweepConfig, already_finished: bool) -> bool:

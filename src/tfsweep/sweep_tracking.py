@@ -93,12 +93,12 @@ def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[
     """Put the finished study's results on its parent run and mark it FINISHED; safe to repeat."""
     best = study.best_trial
     if client.get_run(run_id).data.tags.get(TESTED_TAG) != str(best.number):
-        now = int(time.time() * 1000)
+        now, step = int(time.time() * 1000), sum(counts.values())  # an extended study logs at a new step
         metrics = {"best_value": best.value, "best_test_accuracy": test_accuracy, **counts}
         tags = {"best.metric": metric, "best.trial_number": str(best.number), TESTED_TAG: str(best.number),
                 **{f"best.{name}": str(value) for name, value in best.params.items()}}
         # One request, so a crash leaves all of it or none of it.
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
     crashpoint("sweep.during_publishing")
     client.log_dict(run_id, {"trial": best.number, metric: best.value, "params": best.params}, "best_params.json")
