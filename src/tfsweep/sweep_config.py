@@ -73,6 +73,22 @@ class SweepConfig:
 
 
 @dataclass
+class SweepContext:
+    """Everything a worker needs, picklable for the spawned worker processes."""
+
+    sweep: SweepConfig
+    overrides: list[str]  # the command line; a trial's config is composed from it plus the trial's values
+    experiment: str  # MLflow experiment of the parent and its children
+    tracking_uri: str | None  # None when tracking is off
+    parent_run_id: str | None = None
+
+    def client(self):
+        from tfsweep.tracking import connect  # imports TensorFlow: only once the checks have passed
+
+        return None if self.tracking_uri is None else connect(self.tracking_uri)
+
+
+@dataclass
 class SweepRootConfig(Config):
     """The composed sweep config: the whole training config plus the `sweep` node."""
 

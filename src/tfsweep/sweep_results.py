@@ -1,0 +1,107 @@
+"""What a finished study leaves: its summary, the best trial's config for `src/train.py`, that trial's
+test accuracy, and all of it on the study's MLflow parent run, published by one worker only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.entities import RunStatus
+from omegaconf import DictConfig, OmegaConf
+
+from tfsweep import study as studies
+from tfsweep import sweep_tracking
+from tfsweep.config import CONFIG_DIR
+from tfsweep.crashpoints import crashpoint
+from tfsweep.study import Outcome
+from tfsweep.sweep_config import SweepConfig, SweepContext, trial_config
+from tfsweep.training import evaluate_checkpoint
+
+BEST_CONFIG = "best_trial.yaml"
+
+
+def is_publisher(study: optuna.Study, sweep: SweepConfig, already_finished: bool) -> bool:
+    """Whether this command publishes: its workers finished the study and it won the claim, or the study
+    was already finished when it started (a rerun after a crash while publishing: publishing repeats safely)."""
+    with studies.study_lock(sweep):
+        if not studies.is_finished(study, sweep.n_trials):
+            return False
+        if already_finished:
+            return True
+        if study.user_attrs.get(studies.PUBLISHER_ATTR) not in (None, studies.worker_id()):
+            return False  # two workers finished at once; the other one claimed it first
+        study.set_user_attr(studies.PUBLISHER_ATTR, studies.worker_id())
+        return True
+
+
+def summarize(study: optuna.Study) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    rows = [{"number": t.number, "state": studies.outcome(t).value, "value": t.value, "params": t.params,
+             "seconds": t.duration.total_seconds() if t.duration else None,
+             "training_seconds": t.user_attrs.get("training_seconds")} for t in trials]
+    ran = [r for r in rows if r["state"] in ("complete", "pruned", "failed") and r["seconds"] is not None
+           and r["training_seconds"] is not None]
+    outcomes = [r["state"] for r in rows]
+    best = study.best_trial if study.best_trials else None
+    return {
+        "study_name": study.study_name,
+        "n_complete": outcomes.count(Outcome.complete.value),
+        "n_pruned": outcomes.count(Outcome.pruned.value),
+        "n_failed": outcomes.count(Outcome.failed.value),
+        "n_interrupted": outcomes.count(Outcome.interrupted.value),
+        "best_trial": best.number if best else None,
+        "best_value": best.value if best else None,
+        "best_params": best.params if best else {},
+        "best_test_accuracy": None,
+        "best_config": None,
+        "trials": rows,
+        "mean_overhead_seconds": (sum(r["seconds"] - r["training_seconds"] for r in ran) / len(ran)) if ran else None,
+    }
+
+
+def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, client,
+                    result: dict[str, Any]) -> dict[str, Any]:
+    """Write the best trial's config for `src/train.py`, test it once, and put the results on the parent."""
+    if result["best_trial"] is None:
+        if client is not None:
+            sweep_tracking.set_status(client, ctx.parent_run_id, RunStatus.FINISHED)
+        return {}
+    best = study.best_trial
+    trial_cfg = trial_config(ctx.overrides, best.params, best.user_attrs["trial_dir"],
+                             experiment_name=ctx.experiment)
+    path = write_best_config(trial_cfg, cfg, Path(ctx.sweep.dir) / BEST_CONFIG, study.study_name, best.number)
+    test_accuracy = None
+    if client is not None:
+        test_accuracy = sweep_tracking.recorded_test_accuracy(client, ctx.parent_run_id, best.number)
+    model_dir = Path(trial_cfg.trainer.model_dir)
+    if test_accuracy is None and not model_dir.exists() and client is not None:
+        # The best trial ran on another machine: its checkpoints are in its MLflow run.
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        downloaded = client.download_artifacts(best.user_attrs["mlflow_run_id"], "checkpoints", str(model_dir.parent))
+        Path(downloaded).rename(model_dir)
+    if test_accuracy is None:
+        test_accuracy = evaluate_checkpoint(trial_cfg, "test")["test/accuracy"]
+        crashpoint("sweep.during_best_test")
+    if client is not None:
+        counts = {key: result[key] for key in ("n_complete", "n_pruned", "n_failed")}
+        sweep_tracking.publish(client, ctx.parent_run_id, study, ctx.sweep.metric, counts, test_accuracy, path)
+    return {"best_test_accuracy": test_accuracy, "best_config": str(path)}
+
+
+def write_best_config(trial_cfg: DictConfig, cfg: DictConfig, path: Path, study_name: str, number: int) -> Path:
+    """The trial's whole training config as a primary config for `src/train.py --config-name`.
+
+    It keeps the interpolations, gets its own output folder again, evaluates the test split, and keeps
+    the training entry point's Hydra settings (read from conf/train.yaml).
+    """
+    best = OmegaConf.to_container(trial_cfg, resolve=False)
+    best["paths"]["output_dir"] = OmegaConf.to_container(cfg.paths, resolve=False)["output_dir"]
+    best["trainer"]["evaluate_test"] = True
+    best["tracking"]["run_name"] = f"{study_name}-trial-{number}"
+    best["hydra"] = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "train.yaml").hydra, resolve=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    retrain = f"python src/train.py --config-dir {path.parent} --config-name {path.stem}"
+    path.write_text(f"# Trial {number} of study {study_name}, the best one. Retrain it:\n#   {retrain}\n"
+                    + OmegaConf.to_yaml(OmegaConf.create(best)))
+    return path

@@ -1,0 +1,152 @@
+"""One trial of a sweep: its values, its config, its training run, and what Optuna and MLflow are told.
+
+A retried trial continues its first attempt's folder, so its checkpoints and its MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs around a trial
+from optuna.trial import TrialState
+
+from tfsweep import study as studies
+from tfsweep import sweep_tracking
+from tfsweep.config import flatten
+from tfsweep.crashpoints import crashpoint
+from tfsweep.errors import UserError, first_line
+from tfsweep.hooks import Hook, TrainingTimer
+from tfsweep.study import Outcome
+from tfsweep.sweep_config import ParamType, SweepContext, trial_config
+from tfsweep.training import train
+
+log = logging.getLogger(__name__)
+
+
+class PruningHook(Hook):
+    """Reports each validation evaluation to Optuna and stops training when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+        self.pruned_at: int | None = None
+
+    def after_eval(self, trainer, step, split, metrics):
+        if split != "val":
+            return
+        self.trial.report(metrics[self.metric], step)
+        crashpoint("sweep.after_report")
+        if step < trainer.steps and self.trial.should_prune():
+            self.pruned_at = step
+            trainer.request_stop(f"pruned by Optuna at step {step}")
+
+
+class TrialParamsHook(Hook):
+    """Logs the trial's params that the training config does not show (config group choices)."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def begin(self, trainer):
+        import mlflow
+
+        run_id = sweep_tracking.child_run_id(trainer.model_dir)
+        if run_id is None:
+            return
+        client = mlflow.MlflowClient(trainer.cfg.tracking.uri)
+        shown = flatten(trainer.cfg)
+        logged = client.get_run(run_id).data.params
+        for name, value in self.params.items():
+            if name not in shown and name not in logged:
+                client.log_param(run_id, name, str(value))
+
+
+def suggest(trial: optuna.Trial, name: str, spec) -> Any:
+    """The trial's value for one entry of `sweep.params` (a retried trial gets its first attempt's)."""
+    if spec.type is ParamType.categorical:
+        return trial.suggest_categorical(name, spec.choices)
+    if spec.type is ParamType.int:
+        return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1))
+    return trial.suggest_float(name, spec.low, spec.high, log=spec.log, step=spec.step)
+
+
+def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> None:
+    """Train one trial and tell Optuna how it ended; a retry continues its first attempt's folder and run."""
+    sweep = ctx.sweep
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    history = studies.retry_history(frozen)
+    folder = Path(sweep.dir) / "trials" / f"{(history[0] if history else trial.number):04d}"
+    timer, pruning = TrainingTimer(), PruningHook(trial, sweep.metric)
+    result, reason, cfg = Outcome.failed, None, None
+    tags = {sweep_tracking.STUDY_TAG: sweep.study_name, sweep_tracking.ROLE_TAG: "trial",
+            sweep_tracking.NUMBER_TAG: str(trial.number)}
+    if history:
+        tags["optuna.retry_of"] = ",".join(map(str, history))
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):  # noqa: SLF001 - as Study.optimize does
+            params = {name: suggest(trial, name, spec) for name, spec in sweep.params.items()}
+            cfg = trial_config(ctx.overrides, params, str(folder), experiment_name=ctx.experiment,
+                               run_name=f"{sweep.study_name}-trial-{folder.name}")
+            metrics = train(cfg, hooks=[TrialParamsHook(params), pruning, timer],
+                            parent_run_id=ctx.parent_run_id, run_tags=tags)
+        result = Outcome.pruned if pruning.pruned_at is not None else Outcome.complete
+    except Exception as exc:  # a trial that raises is failed with its reason, and the sweep goes on
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
+    except BaseException:  # Ctrl-C: failed without a reason, so it is retried when the sweep runs again
+        trial.set_user_attr("training_seconds", round(timer.training_seconds, 3))
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    finally:
+        _clear_keras()
+    trial.set_user_attr("training_seconds", round(timer.training_seconds, 3))
+    if cfg is not None:
+        trial.set_user_attr("trial_dir", cfg.paths.output_dir)
+        _tag_child(cfg, trial, result, reason)
+    if result is Outcome.complete:
+        study.tell(trial, metrics[sweep.metric])
+    elif result is Outcome.pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        trial.set_user_attr(studies.FAIL_ATTR, reason[:1000])
+        study.tell(trial, state=TrialState.FAIL)
+    crashpoint("sweep.after_tell")
+
+
+def _tag_child(cfg: DictConfig, trial: optuna.Trial, result: Outcome, reason: str | None) -> None:
+    run_id = sweep_tracking.child_run_id(cfg.trainer.model_dir) if cfg.tracking.enabled else None
+    if run_id is None:
+        return
+    trial.set_user_attr("mlflow_run_id", run_id)
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(cfg.tracking.uri)
+        client.set_tag(run_id, sweep_tracking.STATE_TAG, result.value)
+        if reason:
+            client.set_tag(run_id, "optuna.fail_reason", reason[:5000])
+    except Exception as exc:  # the trial's own outcome matters more than its tag
+        log.warning("could not tag MLflow run %s: %s", run_id, first_line(exc))
+
+
+def _clear_keras() -> None:
+    import keras
+
+    keras.backend.clear_session()
+
+
+def summary_line(trial: optuna.trial.FrozenTrial, metric: str) -> str:
+    params = " ".join(f"{k}={short(v)}" for k, v in trial.params.items())
+    value = f"{metric}={trial.value:.4f}" if trial.value is not None else ""
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        step = max(trial.intermediate_values)
+        value = f"{metric}={trial.intermediate_values[step]:.4f} at step {step}"
+    seconds = f"({trial.duration.total_seconds():.1f} s)" if trial.duration else ""
+    return " ".join(p for p in (f"trial {trial.number} {studies.outcome(trial).value}", value, params,
+                                trial.user_attrs.get(studies.FAIL_ATTR, ""), seconds) if p)
+
+
+def short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
