@@ -29,9 +29,11 @@ def is_publisher(study: optuna.Study, sweep: SweepConfig, already_finished: bool
             return False
         if already_finished:
             return True
-        if study.user_attrs.get(studies.PUBLISHER_ATTR) not in (None, studies.worker_id()):
+        claim = {"worker": studies.worker_id(), "n_trials": sweep.n_trials}  # a study extended later gets a new one
+        claimed = study.user_attrs.get(studies.PUBLISHER_ATTR)
+        if claimed and claimed["n_trials"] == sweep.n_trials and claimed != claim:
             return False  # two workers finished at once; the other one claimed it first
-        study.set_user_attr(studies.PUBLISHER_ATTR, studies.worker_id())
+        study.set_user_attr(studies.PUBLISHER_ATTR, claim)
         return True
 
 
