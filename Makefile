@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 lock: install  ## re-resolve requirements.lock to the newest versions pyproject.toml allows, then reinstall
 	$(VENV)/bin/pip install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --generate-hashes --python-version 3.11 \
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra test --generate-hashes --python-version 3.11 \
 	  --upgrade --custom-compile-command "make lock" -o requirements.lock
 	$(MAKE) install
 
