@@ -237,6 +237,8 @@ def check_corners(overrides: list[str], params: dict[str, ParamSpec]) -> None:
 def _problem(overrides: list[str], params: dict[str, Any]) -> str | None:
     try:
         validate(trial_config(overrides, params, "."))
-    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
+    except (HydraException, OmegaConfBaseException) as exc:
+        return f"{first_line(exc)} (check the key and option names against `python src/train.py --cfg job`)"
+    except ConfigError as exc:
         return first_line(exc)
     return None
