@@ -115,7 +115,7 @@ def test_first_chunk_excess_compares_with_the_steady_step_time():
 
 def test_breakdown_adds_up_to_the_wall_time():
     def record(number, first_evaluation):
-        t = overhead.TrialRecord(number, wall_seconds=20.0, between_seconds=1.0)
+        t = overhead.TrialRecord("bench", number, wall_seconds=20.0, between_seconds=1.0)
         t.calls.update({"model_build": [0.5], "mlflow": [0.25, 0.75], "evaluations": [first_evaluation, 1.0, 1.0],
                         "checkpoint_saves": [0.5], "checkpoint_uploads": [1.5], "clear_keras": [0.25]})
         timer = overhead.ChunkTimer()

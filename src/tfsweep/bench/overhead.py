@@ -30,12 +30,12 @@ from tfsweep.hooks import TrainingTimer
 PHASES = {  # JSON key: how the table names it
     "trace_and_compile": "trace and compile",
     "model_build": "model build",
-    "mlflow": "MLflow run creation, params, tags and metric flushes",
+    "mlflow": "MLflow run creation, params and tags",  # and every other MlflowClient call of the trial
     "evaluations": "evaluations",
     "checkpoint_saves": "checkpoint saves",
     "checkpoint_uploads": "checkpoint uploads",
     "clear_keras": "clearing Keras",
-    "between_trials": "between trials (the sweep's loop: study lock, recovery, sampler)",
+    "between_trials": "between trials",  # the sweep's loop from one trial's `tell` to the next `ask`
     "rest": "the rest",
 }
 
@@ -68,6 +68,7 @@ class ChunkTimer(TrainingTimer):
 class TrialRecord:
     """What one trial spent where: the durations of each phase's calls, and its trainers' timers."""
 
+    study: str
     number: int
     wall_seconds: float = 0.0  # from `study.ask()` to the return of `study.tell()`
     between_seconds: float = 0.0  # from the previous trial's `tell` in the same study to this `ask`
@@ -87,7 +88,7 @@ class PhaseClock:
         self._thread = threading.get_ident()
 
     def trial_asked(self, study_name: str, number: int, asked_at: float) -> None:
-        self.current, self._started = TrialRecord(number), asked_at
+        self.current, self._started = TrialRecord(study_name, number), asked_at
         if self._last_told is not None and self._last_told[0] == study_name:
             self.current.between_seconds = asked_at - self._last_told[1]
 
@@ -216,7 +217,7 @@ def breakdown(trials: list[TrialRecord]) -> dict[str, Any]:
                   "clear_keras": sum(t.calls["clear_keras"]),
                   "between_trials": t.between_seconds}
         phases["rest"] = wall - training - sum(phases.values())
-        rows.append({"number": t.number, "wall_seconds": wall, "training_seconds": training,
+        rows.append({"study": t.study, "number": t.number, "wall_seconds": wall, "training_seconds": training,
                      "outside_seconds": wall - training, "phases_seconds": phases,
                      "calls": {name: len(durations) for name, durations in t.calls.items()}})
     mean = lambda values: statistics.fmean(values) if values else None

@@ -52,8 +52,9 @@ def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None
     root = Path(tempfile.mkdtemp(prefix="tfsweep-bench-", dir=workdir))
     result: dict[str, Any] = {"mode": mode, "machine": machine.describe(), "settings": asdict(settings), "rows": {}}
     try:
-        speed_rows(settings, Workspace(root), result)
-        accuracy_rows(settings, Workspace(root), result)
+        ws = Workspace(root)  # one for all rows: its run folders are numbered, and a reused one would resume
+        speed_rows(settings, ws, result)
+        accuracy_rows(settings, ws, result)
         if with_sweep:
             log.info("rows 6-8: the benchmark's sweep with pruning on and off, its trials timed by phase")
             result["rows"].update(sweep_rows(settings, root))
