@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install lock data train test test-slow test-all sweep bench bench-quick ui clean
+.PHONY: stack-up stack-down install lock data train test test-slow test-all sweep bench bench-quick ui clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -50,6 +50,12 @@ bench-quick: install data
 ui: install  ## browse runs at http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+
+stack-up: install  ## PostgreSQL + an authenticated MLflow server in .stack/, for multi-worker sweeps
+	$(PY) src/stack.py up $(ARGS)
+
+stack-down: install
+	$(PY) src/stack.py down $(ARGS)
 
 clean:
 	rm -rf outputs multirun
