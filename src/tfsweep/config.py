@@ -137,6 +137,12 @@ def _output_dir() -> str:
     return OmegaConf.select(hydra, "runtime.output_dir", default=None) or hydra.run.dir
 
 
+def evaluation_interval(steps: int, points: int, at_most: int) -> int:
+    """Steps between validation passes that give a run of `steps` at least `points` of them, but never
+    fewer than one per `at_most` steps (the `${tfsweep.evaluation_interval:...}` resolver)."""
+    return min(at_most, max(1, steps // points))
+
+
 def register_configs() -> None:
     """Store the schemas: `train_schema` types every group; an optimizer option that adds keys to
     `OptimizerConfig` extends its own schema (`- /adam_optimizer_schema@_here_`). They are stored outside
@@ -146,6 +152,7 @@ def register_configs() -> None:
     cs.store(name="momentum_optimizer_schema", node=MomentumConfig)
     cs.store(name="adam_optimizer_schema", node=AdamConfig)
     OmegaConf.register_new_resolver("tfsweep.output_dir", _output_dir, replace=True)
+    OmegaConf.register_new_resolver("tfsweep.evaluation_interval", evaluation_interval, replace=True)
 
 
 def compose_config(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
