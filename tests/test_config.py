@@ -18,6 +18,9 @@ def test_defaults_reproduce_the_tutorial():
     assert list(cfg.model.filters) == [32, 64] and cfg.model.kernel_size == 5
     assert cfg.model.dense_units == 1024 and cfg.model.dropout == 0.4
     assert cfg.optimizer._target_ == "keras.optimizers.SGD" and cfg.optimizer.learning_rate == 0.001
+    assert cfg.optimizer.name == "sgd"
+    schedule = instantiate(cfg.schedule)  # constant: the tutorial's learning rate at every step
+    assert {float(schedule(step)) for step in (0, 1, 10000, 19999, 20000)} == {float(keras.ops.cast(0.001, "float32"))}
     assert cfg.data.name == "mnist" and cfg.data.batch_size == 100 and cfg.data.validation_size == 5000
     assert cfg.trainer.steps == 20000 and cfg.trainer.log_every == 50 and cfg.trainer.precision == "float32"
     validate(cfg)
@@ -35,6 +38,42 @@ def test_every_optimizer_option_instantiates(name, cls, extra):
     assert float(optimizer.learning_rate) == pytest.approx(0.05)
     for key, value in extra.items():
         assert getattr(optimizer, key) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+def test_every_optimizer_is_named_after_its_option(name):
+    cfg = compose_config(BASE + [f"optimizer={name}"])
+    assert cfg.optimizer.name == name and instantiate(cfg.optimizer).name == name
+
+
+@pytest.mark.parametrize("option, overrides, expected", [
+    # (step, learning rate) pairs for trainer.steps=1000 and optimizer.learning_rate=0.1
+    ("constant", [], [(0, 0.1), (500, 0.1), (1000, 0.1)]),
+    ("exponential", [], [(0, 0.1), (500, 0.1 * 0.1 ** 0.5), (1000, 0.01)]),
+    ("exponential", ["schedule.decay_rate=0.5"], [(0, 0.1), (1000, 0.05)]),
+    ("cosine", [], [(0, 0.1), (500, 0.05), (1000, 0.0)]),
+    ("cosine", ["schedule.warmup_steps=200", "schedule.alpha=0.1"],
+     [(0, 0.0), (100, 0.05), (200, 0.1), (600, 0.055), (1000, 0.01)]),
+])
+def test_every_schedule_spans_trainer_steps_and_peaks_at_the_optimizer_rate(option, overrides, expected):
+    cfg = compose_config(BASE + [f"schedule={option}", "trainer.steps=1000", "optimizer.learning_rate=0.1",
+                                 *overrides])
+    validate(cfg)
+    schedule = instantiate(cfg.schedule)
+    assert isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule)
+    assert [(step, pytest.approx(float(schedule(step)), abs=1e-7)) for step, _ in expected] == expected
+
+
+@pytest.mark.parametrize("override, key", [
+    ("schedule=cosine schedule.warmup_steps=1000", "schedule.warmup_steps"),
+    ("schedule=cosine schedule.warmup_steps=-1", "schedule.warmup_steps"),
+    ("schedule=cosine schedule.alpha=1.5", "schedule.alpha"),
+    ("schedule=exponential schedule.decay_rate=0", "schedule.decay_rate"),
+    ("schedule=exponential schedule.decay_rate=nan", "schedule.decay_rate"),
+])
+def test_a_schedule_out_of_range_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_config(BASE + ["trainer.steps=1000", *override.split()]))
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
@@ -83,7 +122,7 @@ def test_a_typo_inside_a_yaml_option_fails_against_the_schema(tmp_path, option, 
 def test_schemas_are_not_offered_as_options():
     options = {p.stem for p in CONFIG_DIR.glob("*/*.yaml")}
     assert not {o for o in options if o.endswith("schema")}
-    for group in ("model", "optimizer", "data", "trainer", "tracking", "paths"):
+    for group in ("model", "optimizer", "schedule", "data", "trainer", "tracking", "paths"):
         with pytest.raises(ConfigCompositionException):
             compose_config(BASE + [f"{group}={group}_schema"])
 

@@ -46,10 +46,12 @@ def test_short_training_learns_checkpoints_and_reports(make_cfg):
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(make_cfg, tmp_path, precision):
-    # Dropout on, a checkpoint between log points and Adam: the resumed run needs the dropout RNG, the
-    # optimizer's iterations, the running training metrics and the data position of the checkpoint.
+    # Dropout on, a checkpoint between log points, Adam and a warmed-up cosine schedule: the resumed run
+    # needs the dropout RNG, the optimizer's iterations (which the schedule reads), the running training
+    # metrics and the data position of the checkpoint.
     common = {"tracking.enabled": "false", "model.dropout": "0.4", "trainer.steps": "20",
-              "trainer.precision": precision, "trainer.log_every": "4", "trainer.checkpoint_every": "6"}
+              "trainer.precision": precision, "trainer.log_every": "4", "trainer.checkpoint_every": "6",
+              "schedule": "cosine", "schedule.warmup_steps": "4", "schedule.alpha": "0.1"}
     straight_recorder = Recorder()
     straight = train(make_cfg(**common, **{"trainer.model_dir": str(tmp_path / "straight")}),
                      hooks=[straight_recorder])
@@ -66,7 +68,7 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(make_cfg, tm
         train(cfg, hooks=[KillAfterFirstCheckpoint()])
     recorder = Recorder()
     resumed = Trainer(cfg, load_splits(cfg.data), [recorder])
-    assert resumed.start_step == 6
+    assert resumed.start_step == 6 and int(resumed.optimizer.iterations) == 6
     assert resumed.train() == straight  # every metric, to the last bit
     without_rate = [(step, {k: v for k, v in logs.items() if k != "global_step_per_sec"})
                     for step, logs in straight_recorder.logs if step > 6]
@@ -173,3 +175,49 @@ def test_probabilities_hook_logs_the_softmax_of_the_last_batch(make_cfg, caplog)
         train(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probabilities (step 5)")]
     assert len(lines) == 1 and lines[0].count("[") == 21  # a [20, 10] array: one outer and 20 row brackets
+
+
+class LearningRates(Hook):
+    """The learning rate the optimizer applies at the next step, at each log point."""
+
+    def __init__(self):
+        self.rates = {}
+
+    def after_log(self, trainer, step, logs):
+        self.rates[step] = float(trainer.optimizer.learning_rate)
+
+
+def test_the_learning_rate_follows_the_cosine_schedule_with_warm_up_to_the_step(make_cfg):
+    peak, warmup, steps, alpha = 0.01, 4, 20, 0.1
+    cfg = make_cfg(**{"tracking.enabled": "false", "trainer.steps": str(steps), "trainer.log_every": "2",
+                      "optimizer.learning_rate": str(peak), "schedule": "cosine",
+                      "schedule.warmup_steps": str(warmup), "schedule.alpha": str(alpha)})
+    rates = LearningRates()
+    train(cfg, hooks=[rates])
+
+    def expected(step):  # linear from 0 to the peak, then cosine down to alpha * peak at `steps`
+        if step < warmup:
+            return peak * step / warmup
+        done = (step - warmup) / (steps - warmup)
+        return peak * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * done)) + alpha)
+
+    assert list(rates.rates) == list(range(2, steps + 1, 2))
+    for step, rate in rates.rates.items():
+        assert rate == pytest.approx(expected(step), rel=1e-5), step
+    assert rates.rates[steps] == pytest.approx(alpha * peak)
+
+
+def test_a_schedule_changes_training_and_the_constant_one_is_the_plain_learning_rate(make_cfg, tmp_path):
+    def weights(name, *extra):
+        cfg = make_cfg(*extra, **{"tracking.enabled": "false", "optimizer": "sgd", "optimizer.learning_rate": "0.05",
+                                  "trainer.steps": "10", "trainer.model_dir": str(tmp_path / name)})
+        trainer = Trainer(cfg, load_splits(cfg.data))
+        trainer.train()
+        return trainer.network.get_weights()
+
+    constant = weights("constant")
+    exponential = weights("exponential", "schedule=exponential")
+    cosine_at_alpha_1 = weights("flat-cosine", "schedule=cosine", "schedule.alpha=1.0")  # a flat cosine
+    assert not all(np.array_equal(a, b) for a, b in zip(constant, exponential))
+    for a, b in zip(constant, cosine_at_alpha_1):
+        np.testing.assert_array_equal(a, b)

@@ -47,7 +47,8 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     _target_: str = MISSING
-    learning_rate: float = MISSING
+    name: str = MISSING  # the option's name; Keras names the optimizer after it
+    learning_rate: float = MISSING  # the peak (or constant) rate; `schedule` shapes it over the steps
 
 
 @dataclass
@@ -61,6 +62,28 @@ class AdamConfig(OptimizerConfig):
     beta_1: float = MISSING
     beta_2: float = MISSING
     epsilon: float = MISSING
+
+
+@dataclass
+class ScheduleConfig:
+    """A Keras LearningRateSchedule over the optimizer's iterations, built by `hydra.utils.instantiate`."""
+
+    _target_: str = MISSING
+    initial_learning_rate: float = MISSING
+    decay_steps: int = MISSING  # tied to trainer.steps by interpolation in every option
+
+
+@dataclass
+class ExponentialScheduleConfig(ScheduleConfig):
+    decay_rate: float = MISSING
+    staircase: bool = MISSING
+
+
+@dataclass
+class CosineScheduleConfig(ScheduleConfig):
+    warmup_steps: int = MISSING
+    warmup_target: float = MISSING
+    alpha: float = MISSING
 
 
 @dataclass
@@ -121,6 +144,7 @@ class PathsConfig:
 class Config:
     model: ModelConfig = MISSING
     optimizer: OptimizerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
     data: DataConfig = MISSING
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
@@ -143,6 +167,11 @@ def evaluation_interval(steps: int, points: int, at_most: int) -> int:
     return min(at_most, max(1, steps // points))
 
 
+def minus(a: int, b: int) -> int:
+    """`${tfsweep.minus:a,b}`: a schedule's decay steps are the training steps left after its warm-up."""
+    return a - b
+
+
 def register_configs() -> None:
     """Store the schemas: `train_schema` types every group; an optimizer option that adds keys to
     `OptimizerConfig` extends its own schema (`- /adam_optimizer_schema@_here_`). They are stored outside
@@ -151,6 +180,9 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=Config)
     cs.store(name="momentum_optimizer_schema", node=MomentumConfig)
     cs.store(name="adam_optimizer_schema", node=AdamConfig)
+    cs.store(name="exponential_schedule_schema", node=ExponentialScheduleConfig)
+    cs.store(name="cosine_schedule_schema", node=CosineScheduleConfig)
+    OmegaConf.register_new_resolver("tfsweep.minus", minus, replace=True)
     OmegaConf.register_new_resolver("tfsweep.output_dir", _output_dir, replace=True)
     OmegaConf.register_new_resolver("tfsweep.evaluation_interval", evaluation_interval, replace=True)
 
@@ -206,7 +238,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(unknown)} is not a config key: check the spelling against "
                           "`python src/train.py --cfg job`")
     m, o, d, t = cfg.model, cfg.optimizer, cfg.data, cfg.trainer
-    for group in ("model", "optimizer"):
+    for group in ("model", "optimizer", "schedule"):
         for key, value in cfg[group].items():
             _require(not isinstance(value, float) or math.isfinite(value), f"{group}.{key}", value,
                      "give a finite number")
@@ -226,6 +258,21 @@ def validate(cfg: DictConfig) -> None:
              "hold out at least one training image; validation metrics and sweeps are computed on them")
     for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(t[key] > 0, f"trainer.{key}", t[key], "it must be a positive integer")
+    validate_schedule(cfg)
+
+
+def validate_schedule(cfg: DictConfig) -> None:
+    s = cfg.schedule
+    _require(s.initial_learning_rate >= 0, "schedule.initial_learning_rate", s.initial_learning_rate,
+             "it must be zero or more")
+    if "decay_rate" in s:
+        _require(0 < s.decay_rate <= 1, "schedule.decay_rate", s.decay_rate,
+                 "it must be in (0, 1]: the fraction of the learning rate left at trainer.steps")
+    if "warmup_steps" in s:
+        _require(0 <= s.warmup_steps < cfg.trainer.steps, "schedule.warmup_steps", s.warmup_steps,
+                 f"it must be in [0, trainer.steps={cfg.trainer.steps})")
+        _require(0 <= s.alpha <= 1, "schedule.alpha", s.alpha, "it must be in [0, 1]: a fraction of the peak")
+    _require(s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "it must be a positive integer")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -46,7 +46,9 @@ class Trainer:
         check_batch_size(cfg, splits)
         keras.utils.set_random_seed(cfg.trainer.seed)  # initial weights and dropout masks
         self.network = build_network(cfg.model, cfg.trainer.precision)
-        self.optimizer = instantiate(cfg.optimizer)
+        # The schedule reads the optimizer's iteration count, which the checkpoint holds: a resumed run
+        # continues the schedule where it stopped.
+        self.optimizer = instantiate(cfg.optimizer, _partial_=True)(learning_rate=instantiate(cfg.schedule))
         self.optimizer.build(self.network.trainable_variables)  # so a checkpoint can restore its slots
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.train_loss = keras.metrics.Mean(name="train/loss")

@@ -54,7 +54,7 @@ def keras_fit_run(cfg: DictConfig, splits) -> dict[str, float]:
 
     keras.utils.set_random_seed(cfg.trainer.seed)
     network = build_network(cfg.model, cfg.trainer.precision)
-    network.compile(optimizer=instantiate(cfg.optimizer),
+    network.compile(optimizer=instantiate(cfg.optimizer, _partial_=True)(learning_rate=instantiate(cfg.schedule)),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     dataset = train_input_fn(splits.train_images, splits.train_labels, cfg.data.batch_size, cfg.trainer.seed,
                              cfg.data.shuffle_buffer)
