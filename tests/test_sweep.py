@@ -64,8 +64,14 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
     assert len(children) == 3
     by_number = {int(run.data.tags["optuna.trial_number"]): run for run in children}
     assert sorted(by_number) == [0, 1, 2]
+    assert study.metric_names == ["val/accuracy"]  # the dashboard's axis name
     for trial in study.trials:
         child = by_number[trial.number]
+        assert child.info.run_name == f"trial-{trial.number:04d}"
+        # The dashboard links each trial to its run, on the server `mlflow ui` starts by default.
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert trial.user_attrs["mlflow_run_url"] == (
+            f"http://127.0.0.1:5000/#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}")
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["optuna.state"] == "complete"
         assert {k: child.data.params[k] for k in trial.params} == {k: str(v) for k, v in trial.params.items()}
@@ -81,6 +87,7 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
     assert {k: parent.data.tags[f"best.{k}"] for k in study.best_params} == {
         k: str(v) for k, v in study.best_params.items()}
     assert parent.data.metrics["best_test_accuracy"] == result["best_test_accuracy"]
+    assert "best_trial.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {f"plots/{name}.png" for name in
                      ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")}
@@ -111,6 +118,63 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
     shutil.rmtree(study.best_trial.user_attrs["trial_dir"])
     client.delete_tag(parent.info.run_id, "best.test_trial_number")
     assert run_sweep(cfg)["best_test_accuracy"] == result["best_test_accuracy"]
+
+
+def test_a_trial_retried_on_a_machine_without_its_folder_resumes_from_the_checkpoint_its_run_logged(
+        tmp_path, monkeypatch):
+    """Uploads while training, as to a tracking server; the first attempt stops after its first
+    checkpoint, and its folder is gone when the study is resumed (the retry runs elsewhere)."""
+    from tfsweep import checkpoint_artifacts, trainer, tracking
+
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=1", "tracking.log_checkpoints=true")
+    uploaded = []
+    real_saved = checkpoint_artifacts.CheckpointUploader.saved
+
+    def saved(self, model_dir, path):
+        uploaded.append(Path(path).name)
+        real_saved(self, model_dir, path)
+
+    def stop_after_first_checkpoint(name):
+        if name == "trainer.after_checkpoint":
+            raise KeyboardInterrupt  # the worker is stopped; the trial is interrupted, not failed
+
+    monkeypatch.setattr(tracking, "uploads_while_training", lambda uri: True)
+    monkeypatch.setattr(checkpoint_artifacts.CheckpointUploader, "saved", saved)
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer, "crashpoint", stop_after_first_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(cfg)
+    assert uploaded == ["ckpt-10"]
+    [first] = runs(tmp_path, "trial")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert {a.path for a in client.list_artifacts(first.info.run_id, "checkpoints")} >= {
+        "checkpoints/checkpoint", "checkpoints/ckpt-10.index"}
+
+    shutil.rmtree(tmp_path / "tiny" / "trials")
+    from tfsweep import sweep_trial
+
+    restored = []
+    real_restore = sweep_trial.restore_first_attempt
+    monkeypatch.setattr(sweep_trial, "restore_first_attempt",
+                        lambda *args: restored.append(real_restore(*args)) or restored[-1])
+    result = run_sweep(cfg)
+
+    assert result["n_complete"] == 1 and [t.state for t in load(cfg).trials] == [TrialState.FAIL,
+                                                                                 TrialState.COMPLETE]
+    [child] = runs(tmp_path, "trial")  # the retry continued the first attempt's run
+    assert child.info.run_id == first.info.run_id and child.info.status == "FINISHED"
+    history = client.get_metric_history(child.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30]  # each step once
+    assert restored == [10]  # the retry started from the logged checkpoint, not from step 0
+    assert uploaded == ["ckpt-10", "ckpt-20", "ckpt-30"]
+
+
+def test_run_url_never_carries_credentials():
+    from tfsweep.sweep_trial import run_url
+
+    assert run_url("https://user:secret@mlflow.example:8443/base/", "3", "abc") == (
+        "https://mlflow.example:8443/base/#/experiments/3/runs/abc")
+    assert run_url("postgresql://tfsweep@db/mlflow", "1", "r") == "http://127.0.0.1:5000/#/experiments/1/runs/r"
 
 
 def test_aggressive_pruner_prunes_and_pruned_trials_keep_their_curves(tmp_path):

@@ -42,6 +42,7 @@ WORKER_ATTR = "worker"  # "host:pid" of the process running the trial
 CLAIM_ATTR = "claimed_trial"  # the trial number the worker attribute belongs to (retries copy user attrs)
 FAIL_ATTR = "fail_reason"  # set when a trial failed by itself; such a trial counts and is not retried
 PUBLISHER_ATTR = "publisher"  # study attribute: the worker that publishes the finished study's results
+WAIT_SECONDS = 2.0  # a worker waiting for others' trials looks again this often (one cheap query)
 
 
 class StorageError(UserError):
@@ -103,8 +104,12 @@ def open_storage(sweep: SweepConfig) -> optuna.storages.BaseStorage:
 
 def load_study(sweep: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     with study_lock(sweep):  # creating a new study in a database is a race too
-        return optuna.create_study(storage=storage, study_name=sweep.study_name, direction=sweep.direction.value,
-                                   pruner=build("pruner", sweep.pruner), load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=sweep.study_name, direction=sweep.direction.value,
+                                    pruner=build("pruner", sweep.pruner), load_if_exists=True)
+        if study.metric_names != [sweep.metric]:
+            with experimental_ok():
+                study.set_metric_names([sweep.metric])  # the dashboard's axis reads val/accuracy, not Objective 0
+        return study
 
 
 def ask(study: optuna.Study) -> optuna.Trial:
@@ -179,6 +184,13 @@ def is_finished(study: optuna.Study, n_trials: int) -> bool:
 
 def any_running(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def may_need_a_retry(study: optuna.Study, sweep: SweepConfig) -> bool:
+    """Whether a worker that finds the budget taken should stay: a trial still runs on a database storage,
+    and if its worker (maybe on another machine) dies, the heartbeat shows it and the trial is queued again
+    for whoever is still there. On a journal file, rerunning the command does that instead."""
+    return is_database(sweep) and any_running(study)
 
 
 def retry_history(trial: FrozenTrial) -> list[int]:

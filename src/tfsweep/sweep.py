@@ -63,14 +63,18 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
         while sweep.timeout is None or time.monotonic() - started < sweep.timeout:
             with studies.study_lock(sweep):
                 studies.recover(study, sweep)
-                position = studies.counted_trials(study)
-                if position >= sweep.n_trials:
+                position, trial = studies.counted_trials(study), None
+                if position < sweep.n_trials:
+                    studies.use_sampler(study, sweep, position)
+                    trial = studies.ask(study)
+                    crashpoint("sweep.after_trial_created")
+                    studies.claim(study, trial)
+                    crashpoint("sweep.after_owner_recorded")
+            if trial is None:
+                if not studies.may_need_a_retry(study, sweep):
                     return
-                studies.use_sampler(study, sweep, position)
-                trial = studies.ask(study)
-                crashpoint("sweep.after_trial_created")
-                studies.claim(study, trial)
-                crashpoint("sweep.after_owner_recorded")
+                time.sleep(studies.WAIT_SECONDS)  # outside the lock: the running trials' workers need it
+                continue
             run_trial(ctx, study, trial)
             log.info("%s", summary_line(study.trials[trial.number], sweep.metric))
             bar.update(studies.finished_trials(study) - bar.n)

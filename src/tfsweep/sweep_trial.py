@@ -6,6 +6,7 @@ A retried trial continues its first attempt's folder, so its checkpoints and its
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs around a trial
 from optuna.trial import TrialState
 
+from tfsweep import checkpoint_artifacts
 from tfsweep import study as studies
 from tfsweep import sweep_tracking
 from tfsweep.config import flatten
@@ -22,9 +24,13 @@ from tfsweep.errors import UserError, first_line
 from tfsweep.hooks import Hook, TrainingTimer
 from tfsweep.study import Outcome
 from tfsweep.sweep_config import ParamType, SweepContext, trial_config
+from tfsweep.tracking import RUN_ID_FILE
 from tfsweep.training import train
 
 log = logging.getLogger(__name__)
+
+RUN_ID_ATTR = "mlflow_run_id"  # trial user attributes, set as soon as the trial's MLflow run exists
+RUN_URL_ATTR = "mlflow_run_url"
 
 
 class PruningHook(Hook):
@@ -44,11 +50,13 @@ class PruningHook(Hook):
             trainer.request_stop(f"pruned by Optuna at step {step}")
 
 
-class TrialParamsHook(Hook):
-    """Logs the trial's params that the training config does not show (config group choices)."""
+class TrialRunHook(Hook):
+    """Links the trial and its MLflow run as soon as the run exists: the run's id and URL as user
+    attributes of the trial (the Optuna dashboard shows them), and the trial's params that the training
+    config does not show (config group choices) as params of the run."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
+    def __init__(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+        self.trial, self.params = trial, params
 
     def begin(self, trainer):
         import mlflow
@@ -57,11 +65,55 @@ class TrialParamsHook(Hook):
         if run_id is None:
             return
         client = mlflow.MlflowClient(trainer.cfg.tracking.uri)
+        run = client.get_run(run_id)
+        self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+        self.trial.set_user_attr(RUN_URL_ATTR, run_url(trainer.cfg.tracking.uri, run.info.experiment_id, run_id))
         shown = flatten(trainer.cfg)
-        logged = client.get_run(run_id).data.params
+        logged = run.data.params
         for name, value in self.params.items():
             if name not in shown and name not in logged:
                 client.log_param(run_id, name, str(value))
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page: on the tracking server itself, or for a database store where `mlflow ui` serves it
+    by default (http://127.0.0.1:5000). Never with a user name or password."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    base = "http://127.0.0.1:5000"
+    if parts.scheme in ("http", "https"):
+        port = f":{parts.port}" if parts.port else ""
+        base = f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def restore_first_attempt(ctx: SweepContext, cfg: DictConfig, attempts: list[int]) -> int | None:
+    """Continue a retried trial from where its earlier attempts got, on whichever machine they ran.
+
+    Its MLflow run is found by the study and trial-number tags (a killed worker never wrote the run id
+    into the trial), and is continued rather than duplicated; its latest logged checkpoint is brought
+    into the trial's folder unless the folder holds one as recent. Returns the step restored, if any.
+    """
+    import mlflow
+
+    model_dir = Path(cfg.trainer.model_dir)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(ctx.experiment)
+    if experiment is None:
+        return None
+    study = f"tags.`{sweep_tracking.STUDY_TAG}` = '{ctx.sweep.study_name}' and tags.`{sweep_tracking.ROLE_TAG}` = 'trial'"
+    for number in reversed(attempts):  # a retry continues the same run and tags it with its own number
+        runs = client.search_runs([experiment.experiment_id],
+                                  f"{study} and tags.`{sweep_tracking.NUMBER_TAG}` = '{number}'", max_results=1)
+        if runs:
+            break
+    else:
+        return None
+    run_id = runs[0].info.run_id
+    step = checkpoint_artifacts.restore(client, run_id, model_dir)
+    if sweep_tracking.child_run_id(model_dir) != run_id:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / RUN_ID_FILE).write_text(run_id)  # the training run continues this run
+    return step
 
 
 def suggest(trial: optuna.Trial, name: str, spec) -> Any:
@@ -88,9 +140,12 @@ def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> No
     try:
         with get_heartbeat_thread(trial._trial_id, study._storage):  # noqa: SLF001 - as Study.optimize does
             params = {name: suggest(trial, name, spec) for name, spec in sweep.params.items()}
+            # Short and sortable in the runs table, under a parent named after the study.
             cfg = trial_config(ctx.overrides, params, str(folder), experiment_name=ctx.experiment,
-                               run_name=f"{sweep.study_name}-trial-{folder.name}")
-            metrics = train(cfg, hooks=[TrialParamsHook(params), pruning, timer],
+                               run_name=f"trial-{folder.name}")
+            if history and cfg.tracking.enabled:
+                restore_first_attempt(ctx, cfg, history)
+            metrics = train(cfg, hooks=[TrialRunHook(trial, params), pruning, timer],
                             parent_run_id=ctx.parent_run_id, run_tags=tags)
         result = Outcome.pruned if pruning.pruned_at is not None else Outcome.complete
     except Exception as exc:  # a trial that raises is failed with its reason, and the sweep goes on
@@ -119,7 +174,7 @@ def _tag_child(cfg: DictConfig, trial: optuna.Trial, result: Outcome, reason: st
     run_id = sweep_tracking.child_run_id(cfg.trainer.model_dir) if cfg.tracking.enabled else None
     if run_id is None:
         return
-    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr(RUN_ID_ATTR, run_id)
     try:
         import mlflow
 

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from omegaconf import DictConfig, OmegaConf
 
+from tfsweep.checkpoint_artifacts import CheckpointUploader, uploads_while_training
 from tfsweep.config import flatten
 from tfsweep.crashpoints import crashpoint
 from tfsweep.credentials import redact_url
@@ -140,6 +141,7 @@ class MlflowHook(Hook):
         self.run_id: str | None = None
         self._logged: set[tuple[str, int]] = set()  # (key, step) points the run already has
         self._sending: list = []  # MLflow's futures for batches still in its asynchronous queue
+        self._checkpoints: CheckpointUploader | None = None
 
     # -- run lifecycle -----------------------------------------------------------------------------
     def _recorded_run_id(self, model_dir: Path, exp_id: str) -> str | None:
@@ -182,6 +184,8 @@ class MlflowHook(Hook):
             log.info("continuing MLflow run %s", run_id)
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self.run_id = run_id
+        self._checkpoints = CheckpointUploader(self.client, run_id, self.cfg.tracking.log_checkpoints
+                                               and uploads_while_training(self.cfg.tracking.uri))
         run = self.client.get_run(run_id)
         self._logged = {(key, point.step) for key in run.data.metrics
                         for point in self.client.get_metric_history(run_id, key)}
@@ -217,6 +221,10 @@ class MlflowHook(Hook):
         # The points up to a checkpoint are stored before it exists: a resumed run recomputes only
         # the steps after it, so points still queued at a kill would otherwise be lost for good.
         self._wait_for_queue()
+        self._checkpoints.wait()  # the manager deletes an old checkpoint while it saves
+
+    def after_checkpoint(self, trainer, step, path):
+        self._checkpoints.saved(trainer.model_dir, path)
 
     def _wait_for_queue(self) -> None:
         for operation in self._sending:
@@ -230,7 +238,7 @@ class MlflowHook(Hook):
         self._wait_for_queue()
         if error is None:
             if self.cfg.tracking.log_checkpoints:
-                self._log_checkpoints(trainer)
+                self._checkpoints.finish(trainer.model_dir, trainer.manager.checkpoints)
             if self.cfg.tracking.log_model:
                 log_model(self.cfg.tracking.uri, self.run_id, trainer)
             if trainer.stop_reason:
@@ -238,20 +246,10 @@ class MlflowHook(Hook):
             crashpoint("tracking.before_terminated")
             self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
         else:
+            self._checkpoints.close()  # the last checkpoint a retry may start from
             status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
             self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
-
-    def _log_checkpoints(self, trainer) -> None:
-        """The kept checkpoints under `checkpoints/`, the `checkpoint` index last, so that an index in
-        the artifacts names only files already there; an upload cut short is redone whole."""
-        files = sorted(p for prefix in trainer.manager.checkpoints for p in Path(prefix).parent.glob(
-            Path(prefix).name + ".*"))
-        for number, path in enumerate(files):
-            self.client.log_artifact(self.run_id, str(path), "checkpoints")
-            if number == 0:
-                crashpoint("tracking.during_checkpoint_upload")
-        self.client.log_artifact(self.run_id, str(trainer.model_dir / "checkpoint"), "checkpoints")
 
 
 def _write_atomically(path: Path, text: str) -> None:
