@@ -1,19 +1,27 @@
+import getpass
+import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from omegaconf import OmegaConf
+from mlflow.entities import LoggedModelStatus
+
+from conftest import N_TEST, N_TRAIN, N_VALIDATION, TINY_TRAINING
 
 from tfsweep import tracking
+from tfsweep.config import CONFIG_DIR
 from tfsweep.data import load_splits
 from tfsweep.errors import NonFiniteLossError, TrackingError
 from tfsweep.hooks import Hook, LoggingHook
 from tfsweep.trainer import Trainer
 from tfsweep.training import train
+
+PROJECT_DIR = CONFIG_DIR.parent
 
 
 def only_run(cfg):
@@ -32,18 +40,31 @@ def models_of(client, run):
     return client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
 
 
+# What a person compares between runs, written out by hand: the run-defining settings only.
+EXPECTED_PARAMS = {
+    "model.name": "cnn", "model.filters": "[4, 8]", "model.kernel_size": "5", "model.pool_size": "2",
+    "model.dense_units": "32", "model.dropout": "0.3", "model.num_classes": "10",
+    "optimizer.name": "adam", "optimizer.learning_rate": "0.01", "optimizer.beta_1": "0.9",
+    "optimizer.beta_2": "0.999", "optimizer.epsilon": "1e-07",
+    "data.name": "mnist", "data.batch_size": "20",
+    "trainer.steps": "20", "trainer.precision": "float32", "trainer.seed": "0",
+}
+
+
 def test_run_records_params_curves_checkpoints_and_a_loadable_model(make_cfg, caplog):
     cfg = make_cfg(**{"model.dropout": "0.3"})
-    metrics = train(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = train(cfg)
+    assert not [w for w in caught if "type hints" in str(w.message)]  # predict's type hint is one MLflow takes
     client, run = only_run(cfg)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == Path(cfg.paths.output_dir).name  # unique per run, not a seeded draw
     params = run.data.params
-    assert {"model.dropout": "0.3", "model.filters": "[4, 8]", "optimizer.learning_rate": "0.01",
-            "data.batch_size": "20", "trainer.steps": "20", "tracking.uri": cfg.tracking.uri}.items() <= params.items()
-    assert {"paths.output_dir", "trainer.model_dir", "data.train_images.sha256"} <= params.keys()
-    for key, value in params.items():  # every param is the resolved config value at its dotted key
-        assert str(OmegaConf.select(cfg, key)) == value, key
+    schedule = {key: value for key, value in params.items() if key.startswith("schedule.")}
+    assert {key: value for key, value in params.items() if key not in schedule} == EXPECTED_PARAMS
+    # The schedule (constant by default) is there by its own keys; plumbing is only in config.yaml.
+    assert schedule["schedule.decay_steps"] == "20" and schedule["schedule.initial_learning_rate"] == "0.01"
     assert steps(client, run.info.run_id, "train/loss") == [5, 10, 15, 20]
     assert steps(client, run.info.run_id, "train/accuracy") == [5, 10, 15, 20]
     assert steps(client, run.info.run_id, "global_step_per_sec") == [5, 10, 15, 20]
@@ -59,16 +80,32 @@ def test_run_records_params_curves_checkpoints_and_a_loadable_model(make_cfg, ca
     assert tracking.RUN_ID_FILE not in checkpoints  # only the checkpoints, not the model_dir's records
     downloaded = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
                                                      tracking_uri=cfg.tracking.uri)
-    assert "dropout: 0.3" in Path(downloaded).read_text()
+    recorded = Path(downloaded).read_text()
+    assert "dropout: 0.3" in recorded and cfg.data.train_images.sha256 in recorded  # the whole config
+
+    # The model: a LoggedModel named after the run, an output of the run at its last step, whose
+    # metrics are the run's at that step.
+    [model] = models_of(client, run)
+    assert model.name == run.info.run_name and model.status == LoggedModelStatus.READY
+    assert [(output.model_id, output.step) for output in run.outputs.model_outputs] == [(model.model_id, 20)]
+    linked = {metric.key: (metric.step, metric.value) for metric in model.metrics}
+    assert linked["val/accuracy"] == (20, pytest.approx(metrics["val/accuracy"]))
+    assert linked["test/accuracy"] == (20, pytest.approx(metrics["test/accuracy"]))
+    assert model.params == params
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     splits = load_splits(cfg.data)
-    classes = np.asarray(model.predict(splits.test_images.astype(np.float32) / 255.0))
+    classes = np.asarray(loaded.predict(splits.test_images))  # uint8 pixels, as the IDX files hold them
     assert classes.shape == (len(splits.test_images),) and set(np.unique(classes)) <= set(range(10))
     assert np.mean(classes == splits.test_labels) == pytest.approx(metrics["test/accuracy"], abs=0.02)
-    raw_pixels = np.asarray(model.predict(splits.test_images.astype(np.float32)))  # 0..255 works too
-    np.testing.assert_array_equal(raw_pixels, classes)
+    for same in (splits.test_images.astype(np.float32) / 255.0, splits.test_images.astype(np.float32),
+                 splits.test_images.reshape(-1, 784), splits.test_images[..., np.newaxis]):
+        np.testing.assert_array_equal(np.asarray(loaded.predict(same)), classes)
+    with pytest.raises(Exception) as wrong:
+        loaded.predict(splits.test_images[:, :27])
+    assert str(wrong.value) == ("expected images of shape [n, 28, 28], [n, 28, 28, 1] or [n, 784], "
+                                f"got an array of shape [{len(splits.test_images)}, 27, 28]")
 
     # The same command again: nothing is evaluated, logged or uploaded, and the metrics come back.
     history = {key: steps(client, run.info.run_id, key) for key in run.data.metrics}
@@ -78,6 +115,48 @@ def test_run_records_params_curves_checkpoints_and_a_loadable_model(make_cfg, ca
     _, again = only_run(cfg)
     assert {key: steps(client, run.info.run_id, key) for key in again.data.metrics} == history
     assert again.info.end_time == run.info.end_time and len(models_of(client, again)) == 1
+
+
+def test_runs_carry_mlflows_context_tags_with_the_git_commit(make_cfg, synthetic_data, tmp_path):
+    cfg = make_cfg(**{"tracking.log_model": "false"})  # what the command below composes
+    overrides = {**synthetic_data, **TINY_TRAINING, "trainer.steps": "10", "paths.output_dir": cfg.paths.output_dir,
+                 "tracking.uri": cfg.tracking.uri, "tracking.log_model": "false"}
+    trained = subprocess.run([sys.executable, "src/train.py", *(f"{k}={v}" for k, v in overrides.items())],
+                             cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    _, run = only_run(cfg)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["mlflow.source.name"] == "src/train.py"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.user"] == getpass.getuser()
+
+
+def test_the_data_set_is_an_input_of_the_run_once_per_split(make_cfg):
+    cfg = make_cfg(**{"tracking.log_model": "false"})
+    train(cfg)
+    client, run = only_run(cfg)
+    inputs = {tag.value: entry.dataset for entry in run.inputs.dataset_inputs for tag in entry.tags
+              if tag.key == "mlflow.data.context"}
+    assert sorted(inputs) == ["test", "train", "val"]
+    assert {dataset.name for dataset in inputs.values()} == {"mnist"}
+    sizes = {split: json.loads(dataset.profile)["num_rows"] for split, dataset in inputs.items()}
+    assert sizes == {"train": N_TRAIN - N_VALIDATION, "val": N_VALIDATION, "test": N_TEST}
+    assert len({dataset.digest for dataset in inputs.values()}) == 3
+
+    train(make_cfg(**{"tracking.log_model": "false", "trainer.steps": "30"}))  # resumed: no second input
+    _, resumed = only_run(cfg)
+    assert sorted((e.dataset.name, e.dataset.digest) for e in resumed.inputs.dataset_inputs) == sorted(
+        (d.name, d.digest) for d in inputs.values())
+
+    # Another data set's files get other digests; a run that never evaluates the test split lists none.
+    other = make_cfg(**{"tracking.log_model": "false", "trainer.evaluate_test": "false",
+                        "data.validation_size": "20", "paths.output_dir": str(Path(cfg.paths.output_dir) / "other")})
+    train(other)
+    [second] = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    digests = {tag.value: entry.dataset.digest for entry in second.inputs.dataset_inputs for tag in entry.tags}
+    assert sorted(digests) == ["train", "val"]
+    assert digests["train"] != inputs["train"].digest and digests["val"] != inputs["val"].digest
 
 
 def test_resuming_the_model_dir_continues_the_same_run(make_cfg):
@@ -150,10 +229,10 @@ def test_a_password_in_the_tracking_uri_is_recorded_nowhere(make_cfg, tmp_path, 
     with caplog.at_level("DEBUG"):
         Trainer(cfg, load_splits(cfg.data), [LoggingHook(), hook]).train()
     run = client.get_run(hook.run_id)
-    assert run.data.params["tracking.uri"] == "http://user:***@127.0.0.1:9"
-    recorded = [*run.data.params.values(), *run.data.tags.values(), caplog.text,
-                Path(mlflow.artifacts.download_artifacts(run_id=hook.run_id, artifact_path="config.yaml",
-                                                         tracking_uri=store)).read_text()]
+    config_yaml = Path(mlflow.artifacts.download_artifacts(run_id=hook.run_id, artifact_path="config.yaml",
+                                                           tracking_uri=store)).read_text()
+    assert "uri: http://user:***@127.0.0.1:9" in config_yaml
+    recorded = [*run.data.params.values(), *run.data.tags.values(), caplog.text, config_yaml]
     assert not [text for text in recorded if secret in text]
     assert secret.encode() not in (tmp_path / "store.db").read_bytes()
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
@@ -186,6 +265,7 @@ FIRST_USE = """
 import sys
 from mlflow import MlflowClient
 from tfsweep import tracking
+from tfsweep.config import CONFIG_DIR
 print("ready", flush=True)
 sys.stdin.readline()  # all processes start together
 try:

@@ -131,6 +131,8 @@ class TrackingConfig:
     run_name: Any = MISSING  # str or None
     log_checkpoints: bool = MISSING
     log_model: bool = MISSING
+    registered_model_name: Any = MISSING  # str or None: where a sweep registers its best trial's model
+    params: list[str] = MISSING  # config keys and groups logged as MLflow params
 
 
 @dataclass

@@ -1,32 +1,38 @@
-"""MLflow tracking of one training run: params, metric curves, checkpoints and the final model.
+"""MLflow tracking of one training run: context tags, params, data set inputs, metric curves,
+checkpoints and the final model.
 
 The record is exactly once: a `model_dir` has one MLflow run, a metric point is keyed by
-(run, key, step) and a step the run already has is never logged again, and a run has one model. A
-process killed anywhere and run again completes the same run instead of adding to it.
+(run, key, step) and a step the run already has is never logged again, the data set is an input of the
+run once, and a run has one model. A process killed anywhere and run again completes the same run
+instead of adding to it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
+import json
 import logging
 import os
 import tempfile
 import time
 import uuid
-import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 from unittest.mock import patch
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (Dataset, DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunStatus,
+                             RunTag)
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from omegaconf import DictConfig, OmegaConf
 
-from tfsweep.checkpoint_artifacts import CheckpointUploader, uploads_while_training
-from tfsweep.config import flatten
 from tfsweep.crashpoints import crashpoint
 from tfsweep.credentials import redact_url
 from tfsweep.errors import TrackingError, first_line
@@ -37,7 +43,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"  # in model_dir: resuming the model_dir continues this MLflow run
 RUN_KEY_FILE = "mlflow_run_key"  # in model_dir, written before the run is created, and tagged on it
 RUN_KEY_TAG = "tfsweep.model_dir_key"
-MODEL_NAME = "model"
+SPLIT_CONTEXTS = {"train": "train", "validation": "val", "test": "test"}  # as the metrics' prefixes
 # Errors of several processes creating a fresh store's tables at once (MLflow does it on first use):
 # SQLite and PostgreSQL wording, and MLflow's own schema check meeting a half-migrated database.
 CREATION_RACE = ("already exists", "duplicate key", "unique constraint failed", "database is locked",
@@ -131,6 +137,60 @@ def redacted_config(cfg: DictConfig) -> DictConfig:
     return shown
 
 
+def run_params(cfg: DictConfig) -> dict[str, str]:
+    """The run's MLflow params: the keys and groups `tracking.params` names, with their resolved values.
+
+    A group stands for each of its keys; its class path `_target_` is left out where the group names
+    itself with a `name` (`optimizer.name=adam` says more than `keras.optimizers.Adam`, and is what the
+    sweep's search space chooses). A key or group the config lacks is skipped, as is a null value.
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    params: dict[str, str] = {}
+
+    def add(key: str, value: object) -> None:
+        if isinstance(value, dict):
+            for name, child in value.items():
+                if not (name == "_target_" and "name" in value):
+                    add(f"{key}.{name}", child)
+        elif value is not None:
+            params[key] = str(value)[:6000]
+
+    for key in cfg.tracking.params:
+        node: object = resolved
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        add(key, node)
+    return params
+
+
+def dataset_inputs(cfg: DictConfig, splits) -> list[DatasetInput]:
+    """The data set as MLflow dataset inputs: one per split the run uses, named after `data.name`, with
+    the split as its context (`train`, `val`, `test`), its size, files and rows in the profile, and a
+    digest of the files' checksums and the rows, so that the same split always has the same digest."""
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.types import Schema, TensorSpec
+
+    data = cfg.data
+    schema = TensorDatasetSchema(
+        features=Schema([TensorSpec(splits.test_images.dtype, (-1, *splits.test_images.shape[1:]), "images")]),
+        targets=Schema([TensorSpec(splits.test_labels.dtype, (-1,), "labels")]))
+    n_train = len(splits.train_images)
+    rows = {"train": (data.train_images, data.train_labels, 0, n_train),
+            "validation": (data.train_images, data.train_labels, n_train, n_train + len(splits.validation_images)),
+            "test": (data.test_images, data.test_labels, 0, len(splits.test_images))}
+    if not cfg.trainer.evaluate_test:
+        del rows["test"]  # a sweep trial never sees the test split
+    inputs = []
+    for split, (images, labels, start, stop) in rows.items():
+        identity = f"{data.name}:{images.sha256}:{labels.sha256}:{start}:{stop}"
+        profile = {"num_rows": stop - start, "rows": [start, stop], "files": [images.name, labels.name]}
+        dataset = Dataset(name=data.name, digest=hashlib.sha256(identity.encode()).hexdigest()[:8],
+                          source_type="local", source=json.dumps({"uri": str(Path(data.root).resolve())}),
+                          schema=json.dumps(schema.to_dict()), profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXTS[split])]))
+    return inputs
+
+
 class MlflowHook(Hook):
     """Logs one training run to MLflow; a resumed `model_dir` continues the same run."""
 
@@ -140,8 +200,11 @@ class MlflowHook(Hook):
         self.parent_run_id, self.tags = parent_run_id, dict(tags or {})
         self.run_id: str | None = None
         self._logged: set[tuple[str, int]] = set()  # (key, step) points the run already has
-        self._sending: list = []  # MLflow's futures for batches still in its asynchronous queue
-        self._checkpoints: CheckpointUploader | None = None
+        # Metric batches go out on this thread, in order, off the training loop. Not MLflow's own
+        # asynchronous queue: ending a run stops that queue's thread, which polls once a second, so
+        # every run's end waited up to a second for it.
+        self._sender: ThreadPoolExecutor | None = None
+        self._sending: list[Future] = []  # batches not yet known to be stored
 
     # -- run lifecycle -----------------------------------------------------------------------------
     def _recorded_run_id(self, model_dir: Path, exp_id: str) -> str | None:
@@ -170,45 +233,51 @@ class MlflowHook(Hook):
         tags = {**self.tags, "model_dir": str(model_dir.resolve())}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
+        params = run_params(self.cfg)
         if run_id is None:
             model_dir.mkdir(parents=True, exist_ok=True)
             key = uuid.uuid4().hex
             _write_atomically(model_dir / RUN_KEY_FILE, key)
             # Not MLflow's generated name: it draws from `random`, which the trainer has just seeded.
+            # MLflow's context tags (user, source, git commit), as `mlflow.start_run` would set them.
             run_name = self.cfg.tracking.run_name or Path(self.cfg.paths.output_dir).name
-            run_id = self.client.create_run(exp_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: key}).info.run_id
+            run_id = self.client.create_run(exp_id, run_name=run_name,
+                                            tags=resolve_tags({**tags, RUN_KEY_TAG: key})).info.run_id
             crashpoint("tracking.after_run_created")
             _write_atomically(model_dir / RUN_ID_FILE, run_id)
             crashpoint("tracking.after_run_id_written")
+            logged_params, has_inputs, new_tags = {}, False, {}  # a new run: its tags are set
         else:
             log.info("continuing MLflow run %s", run_id)
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            run = self.client.get_run(run_id)
+            self._logged = {(key, point.step) for key in run.data.metrics
+                            for point in self.client.get_metric_history(run_id, key)}
+            logged_params, has_inputs = run.data.params, bool(run.inputs and run.inputs.dataset_inputs)
+            new_tags = {k: v for k, v in tags.items() if run.data.tags.get(k) != v}
+            changed = sorted(k for k in params if k in logged_params and logged_params[k] != params[k])
+            if changed:
+                log.warning("resuming with changed settings %s: MLflow keeps the first values of params; "
+                            "the new ones are in config.yaml", ", ".join(changed))
         self.run_id = run_id
-        self._checkpoints = CheckpointUploader(self.client, run_id, self.cfg.tracking.log_checkpoints
-                                               and uploads_while_training(self.cfg.tracking.uri))
-        run = self.client.get_run(run_id)
-        self._logged = {(key, point.step) for key in run.data.metrics
-                        for point in self.client.get_metric_history(run_id, key)}
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        missing = [Param(k, v) for k, v in params.items() if k not in logged_params]
+        if missing or new_tags:
+            self.client.log_batch(run_id, params=missing, tags=[RunTag(k, str(v)) for k, v in new_tags.items()])
+        if not has_inputs and trainer.splits is not None:  # None: a stand-in trainer without data
+            self.client.log_inputs(run_id, datasets=dataset_inputs(self.cfg, trainer.splits))
         shown = redacted_config(self.cfg)
-        params = {k: str(v)[:6000] for k, v in flatten(shown).items()}
-        logged_params = run.data.params
-        changed = sorted(k for k in params if k in logged_params and logged_params[k] != params[k])
-        if changed:
-            log.warning("resuming with changed settings %s: MLflow keeps the first values of params; "
-                        "the new ones are in config.yaml", ", ".join(changed))
-        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items() if k not in logged_params],
-                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.log_text(run_id, OmegaConf.to_yaml(shown), "config.yaml")
         log.info("MLflow run %s in experiment %r at %s", run_id, self.cfg.tracking.experiment_name,
                  shown.tracking.uri)
 
     def _log(self, step: int, values: dict[str, float]) -> None:
-        """Queue the points the run does not have yet; MLflow sends them off the training loop."""
+        """Queue the points the run does not have yet; they are sent off the training loop."""
         now = int(time.time() * 1000)
         new = [Metric(key, float(value), now, step) for key, value in values.items()
                if (key, step) not in self._logged]
         if new:
-            self._sending.append(self.client.log_batch(self.run_id, metrics=new, synchronous=False))
+            self._sending.append(self._sender.submit(self.client.log_batch, self.run_id, metrics=new))
             self._logged.update((metric.key, step) for metric in new)
 
     def after_log(self, trainer, step, logs):
@@ -221,24 +290,23 @@ class MlflowHook(Hook):
         # The points up to a checkpoint are stored before it exists: a resumed run recomputes only
         # the steps after it, so points still queued at a kill would otherwise be lost for good.
         self._wait_for_queue()
-        self._checkpoints.wait()  # the manager deletes an old checkpoint while it saves
-
-    def after_checkpoint(self, trainer, step, path):
-        self._checkpoints.saved(trainer.model_dir, path)
 
     def _wait_for_queue(self) -> None:
         for operation in self._sending:
-            operation.wait()
+            operation.result()  # raises what the batch raised
         self._sending = []
 
     def end(self, trainer, error):
         if self.run_id is None:
             return
         crashpoint("tracking.before_flush")
-        self._wait_for_queue()
+        try:
+            self._wait_for_queue()
+        finally:
+            self._sender.shutdown()
         if error is None:
             if self.cfg.tracking.log_checkpoints:
-                self._checkpoints.finish(trainer.model_dir, trainer.manager.checkpoints)
+                self._log_checkpoints(trainer)
             if self.cfg.tracking.log_model:
                 log_model(self.cfg.tracking.uri, self.run_id, trainer)
             if trainer.stop_reason:
@@ -246,10 +314,20 @@ class MlflowHook(Hook):
             crashpoint("tracking.before_terminated")
             self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
         else:
-            self._checkpoints.close()  # the last checkpoint a retry may start from
             status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
             self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+    def _log_checkpoints(self, trainer) -> None:
+        """The kept checkpoints under `checkpoints/`, the `checkpoint` index last, so that an index in
+        the artifacts names only files already there; an upload cut short is redone whole."""
+        files = sorted(p for prefix in trainer.manager.checkpoints for p in Path(prefix).parent.glob(
+            Path(prefix).name + ".*"))
+        for number, path in enumerate(files):
+            self.client.log_artifact(self.run_id, str(path), "checkpoints")
+            if number == 0:
+                crashpoint("tracking.during_checkpoint_upload")
+        self.client.log_artifact(self.run_id, str(trainer.model_dir / "checkpoint"), "checkpoints")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -258,39 +336,59 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def log_model(uri: str, run_id: str, trainer) -> None:
-    """Log the trained network as an MLflow pyfunc model that maps 28x28 images to digit classes.
+def model_name(run_name: str) -> str:
+    """A LoggedModel's name after its run's, with the characters MLflow refuses in model names replaced."""
+    return "".join("-" if char in '/:.%"\'' else char for char in run_name) or "model"
+
+
+def ready_model(client: MlflowClient, run_id: str) -> str | None:
+    """The id of the run's finished model, if it has one."""
+    experiment = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    return next((model.model_id for model in models if model.status == LoggedModelStatus.READY), None)
+
+
+def log_model(uri: str, run_id: str, trainer) -> str:
+    """Log the trained network as an MLflow LoggedModel (pyfunc: 28x28 images in, digit classes out),
+    named after the run and linked to its current step and that step's metrics; return its id.
 
     Once per run: a run that has a model keeps it, and a model left unfinished by a killed process is
-    replaced.
+    replaced. A run that had already ended keeps its status and end time.
     """
     from keras import __version__ as keras_version
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
     from tensorflow import __version__ as tf_version
 
     client = MlflowClient(uri)
-    experiment = client.get_run(run_id).info.experiment_id
-    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
-    if any(model.status == LoggedModelStatus.READY for model in models):
-        log.info("MLflow run %s already has its model", run_id)
-        return
-    for model in models:
+    run = client.get_run(run_id)
+    if (model_id := ready_model(client, run_id)) is not None:
+        log.info("MLflow run %s already has its model %s", run_id, model_id)
+        return model_id
+    for model in client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"):
         client.delete_logged_model(model.model_id)
-    sample = trainer.splits.test_images[:5].astype("float32") / 255.0
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # MLflow suggests type hints on predict(); NumPy arrays in and out need none.
-        warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
+    name, step = model_name(run.info.run_name), int(trainer.global_step.numpy())
+    # Outputs only: predict checks its input itself, so that uint8 and float images, [n, 28, 28],
+    # [n, 28, 28, 1] and [n, 784] are all accepted (an input schema would fix one dtype and shape).
+    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int32), (-1,), "digit")]))
+    with tempfile.TemporaryDirectory() as tmp:
         network_path = Path(tmp) / "network.keras"
         trainer.network.save(network_path)
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            pending = mlflow.initialize_logged_model(name=MODEL_NAME, source_run_id=run_id)
+            pending = mlflow.initialize_logged_model(name=name, source_run_id=run_id, params=run.data.params)
             crashpoint("tracking.during_model_upload")
             mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
+                name=name,
                 model_id=pending.model_id,
                 python_model=str(Path(__file__).with_name("serving.py")),
                 artifacts={"network": str(network_path)},
-                input_example=sample,
+                signature=signature,
+                input_example=trainer.splits.test_images[:3],  # raw uint8 pixels, as the IDX files hold them
+                step=step,  # MLflow links the model to this step's metrics
                 pip_requirements=[f"tensorflow-cpu=={tf_version}", f"keras=={keras_version}",
                                   f"mlflow=={mlflow.__version__}"],
             )
+    if run.info.status in ("FINISHED", "FAILED", "KILLED"):
+        client.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
+    return pending.model_id
