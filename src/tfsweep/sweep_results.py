@@ -1,5 +1,6 @@
 """What a finished study leaves: its summary, the best trial's config for `src/train.py`, that trial's
-test accuracy, and all of it on the study's MLflow parent run, published by one worker only."""
+test accuracy and its model in the Model Registry (alias `champion`), and all of it on the study's MLflow
+parent run, published by one worker only."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from tfsweep import study as studies
-from tfsweep import sweep_tracking
+from tfsweep import sweep_tracking, tracking, training
 from tfsweep.config import CONFIG_DIR
 from tfsweep.crashpoints import crashpoint
 from tfsweep.study import Outcome
 from tfsweep.sweep_config import SweepConfig, SweepContext, trial_config
-from tfsweep.training import evaluate_checkpoint
 
 BEST_CONFIG = "best_trial.yaml"
 
@@ -64,7 +64,9 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
 
 def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, client,
                     result: dict[str, Any]) -> dict[str, Any]:
-    """Write the best trial's config for `src/train.py`, test it once, and put the results on the parent."""
+    """Write the best trial's config for `src/train.py`, test it once, log and register its model (only the
+    best trial's: trials log none), and put the results on the parent. Every step is skipped when a
+    previous attempt (a crash while publishing) already did it."""
     if result["best_trial"] is None:
         if client is not None:
             sweep_tracking.set_status(client, ctx.parent_run_id, RunStatus.FINISHED)
@@ -76,19 +78,31 @@ def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, cli
     test_accuracy = None
     if client is not None:
         test_accuracy = sweep_tracking.recorded_test_accuracy(client, ctx.parent_run_id, best.number)
+    register_as = cfg.tracking.registered_model_name if client is not None else None
+    run_id = best.user_attrs.get("mlflow_run_id")
+    model_id = tracking.ready_model(client, run_id) if register_as else None
+    needs_network = bool(register_as) and model_id is None
     model_dir = Path(trial_cfg.trainer.model_dir)
-    if test_accuracy is None and not model_dir.exists() and client is not None:
+    if (test_accuracy is None or needs_network) and not model_dir.exists() and client is not None:
         # The best trial ran on another machine: its checkpoints are in its MLflow run.
         model_dir.parent.mkdir(parents=True, exist_ok=True)
-        downloaded = client.download_artifacts(best.user_attrs["mlflow_run_id"], "checkpoints", str(model_dir.parent))
+        downloaded = client.download_artifacts(run_id, "checkpoints", str(model_dir.parent))
         Path(downloaded).rename(model_dir)
+    trainer = training.restore_checkpoint(trial_cfg) if needs_network else None
     if test_accuracy is None:
-        test_accuracy = evaluate_checkpoint(trial_cfg, "test")["test/accuracy"]
+        tested = trainer.evaluate("test") if trainer else training.evaluate_checkpoint(trial_cfg, "test")
+        test_accuracy = tested["test/accuracy"]
         crashpoint("sweep.during_best_test")
+    model_uri = None
+    if register_as:
+        if model_id is None:
+            model_id = tracking.log_model(ctx.tracking_uri, run_id, trainer)
+        model_uri = sweep_tracking.register_champion(ctx.tracking_uri, model_id, register_as, study, test_accuracy)
     if client is not None:
         counts = {key: result[key] for key in ("n_complete", "n_pruned", "n_failed")}
-        sweep_tracking.publish(client, ctx.parent_run_id, study, ctx.sweep.metric, counts, test_accuracy, path)
-    return {"best_test_accuracy": test_accuracy, "best_config": str(path)}
+        sweep_tracking.publish(client, ctx.parent_run_id, study, ctx.sweep.metric, counts, test_accuracy, path,
+                               model_uri)
+    return {"best_test_accuracy": test_accuracy, "best_config": str(path), "best_model_uri": model_uri}
 
 
 def write_best_config(trial_cfg: DictConfig, cfg: DictConfig, path: Path, study_name: str, number: int) -> Path:

@@ -1,5 +1,6 @@
 """MLflow for a sweep: one parent run per study (its children are the trials' training runs), and the
-finished study's results on it: best value, params, test accuracy, plots and best_trial.yaml.
+finished study's results on it: best value, params, test accuracy, plots and best_trial.yaml; the best
+trial's model in the Model Registry with the alias `champion`.
 
 Publishing is written to be repeated after a crash at any point without logging anything twice: the
 metrics and tags go in one batch that is skipped once the parent has it, artifacts overwrite their
@@ -17,6 +18,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking.context.registry import resolve_tags
 
 from tfsweep.crashpoints import crashpoint
 from tfsweep.tracking import RUN_ID_FILE, experiment_id
@@ -29,30 +31,34 @@ STATE_TAG = "optuna.state"  # an Outcome value, on each child
 NUMBER_TAG = "optuna.trial_number"
 TESTED_TAG = "best.test_trial_number"  # on the parent: the trial whose test accuracy it holds
 PARENT_ATTR = "mlflow_parent_run_id"  # in the study's user attributes
+CHAMPION = "champion"  # the registered model's alias for the best trial of the last published study
 PLOTS = ("plot_optimization_history", "plot_param_importances", "plot_parallel_coordinate",
          "plot_intermediate_values")
+PLOT_SIZE = (10, 6)  # inches at 100 dpi: room for the axis names of four or five searched params
 
 
 def parent_run(client: MlflowClient, experiment: str, study, params: dict[str, Any]) -> str:
     """The study's parent run: the one recorded in the study, else the oldest tagged one, else a new one.
 
     Two commands starting a new study at once may both create a run; both then keep the oldest and the
-    other is deleted, so the study ends up with one parent. Params a crash kept from it are added.
+    other is deleted, so the study ends up with one parent. Params a crash kept from it are added;
+    unset settings (None, such as the options of a pruner not in use) are not params.
     """
     exp_id = experiment_id(client, experiment)
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not (run_id and _usable(client, run_id)):
         mine = None
         if not _parents(client, exp_id, study.study_name):
-            mine = client.create_run(exp_id, run_name=study.study_name,
-                                     tags={STUDY_TAG: study.study_name, ROLE_TAG: "study"}).info.run_id
+            # MLflow's context tags (user, source, git commit), as `mlflow.start_run` would set them.
+            tags = resolve_tags({STUDY_TAG: study.study_name, ROLE_TAG: "study"})
+            mine = client.create_run(exp_id, run_name=study.study_name, tags=tags).info.run_id
             crashpoint("sweep.after_parent_run_created")
         run_id = _parents(client, exp_id, study.study_name)[0].info.run_id
         if mine is not None and run_id != mine:
             client.delete_run(mine)
         study.set_user_attr(PARENT_ATTR, run_id)
     logged = client.get_run(run_id).data.params
-    if missing := [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]:
+    if missing := [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged and v is not None]:
         client.log_batch(run_id, params=missing)
     return run_id
 
@@ -88,8 +94,31 @@ def is_published(client: MlflowClient, run_id: str, trial_number: int) -> bool:
     return run.info.status == "FINISHED" and run.data.tags.get(TESTED_TAG) == str(trial_number)
 
 
+def register_champion(uri: str, model_id: str, name: str, study, test_accuracy: float) -> str:
+    """Register the best trial's LoggedModel as a version of the registered model `name`, point the alias
+    `champion` at it, and return that version's URI (`models:/<name>/<version>`).
+
+    Safe to repeat after a crash at any point: a version of this model is reused, never added twice.
+    """
+    mlflow.set_tracking_uri(uri)  # the registry lives in the tracking store
+    client = MlflowClient(uri)
+    versions = [v for v in client.search_model_versions(f"name = '{name}'") if v.model_id == model_id]
+    if versions:
+        version = versions[0]
+    else:
+        best = study.best_trial
+        description = (f"Trial {best.number} of study {study.study_name}: validation {best.value:.4f}, "
+                       f"test accuracy {test_accuracy:.4f}")
+        version = mlflow.register_model(f"models:/{model_id}", name, tags={STUDY_TAG: study.study_name,
+                                                                             NUMBER_TAG: str(best.number)})
+        client.update_model_version(name, version.version, description=description)
+    crashpoint("sweep.after_model_registered")
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    return f"models:/{name}/{version.version}"
+
+
 def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[str, int],
-            test_accuracy: float, config_path: Path) -> None:
+            test_accuracy: float, config_path: Path, model_uri: str | None = None) -> None:
     """Put the finished study's results on its parent run and mark it FINISHED; safe to repeat."""
     best = study.best_trial
     if client.get_run(run_id).data.tags.get(TESTED_TAG) != str(best.number):
@@ -97,18 +126,21 @@ def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[
         metrics = {"best_value": best.value, "best_test_accuracy": test_accuracy, **counts}
         tags = {"best.metric": metric, "best.trial_number": str(best.number), TESTED_TAG: str(best.number),
                 **{f"best.{name}": str(value) for name, value in best.params.items()}}
+        if model_uri:
+            tags["best.model_uri"] = model_uri
         # One request, so a crash leaves all of it or none of it.
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
     crashpoint("sweep.during_publishing")
     client.log_dict(run_id, {"trial": best.number, metric: best.value, "params": best.params}, "best_params.json")
     client.log_artifact(run_id, str(config_path))
-    log_plots(client, run_id, study)
+    log_plots(client, run_id, study, metric)
     set_status(client, run_id, RunStatus.FINISHED)
 
 
-def log_plots(client: MlflowClient, run_id: str, study) -> None:
-    """Optuna's matplotlib plots as images (the plotly ones would need a browser to export)."""
+def log_plots(client: MlflowClient, run_id: str, study, metric: str) -> None:
+    """Optuna's matplotlib plots as images (the plotly ones would need a browser to export), with the
+    objective called by its metric's name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,15 +151,36 @@ def log_plots(client: MlflowClient, run_id: str, study) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the plots are experimental; legends warn on one-trial studies
-                axes = getattr(plots, name)(study)
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-            client.log_figure(run_id, figure, f"plots/{name.removeprefix('plot_')}.png",
-                              save_kwargs={"bbox_inches": "tight"})  # keep the legends inside the image
+                named = {} if name == "plot_intermediate_values" else {"target_name": metric}
+                axes = getattr(plots, name)(study, **named)
+            axes = axes.flat[0] if hasattr(axes, "flat") else axes
+            legible(axes, study, metric)
+            client.log_figure(run_id, axes.figure, f"plots/{name.removeprefix('plot_')}.png",
+                              save_kwargs={"bbox_inches": "tight", "pad_inches": 0.2})  # legends stay inside
         except Exception as exc:  # e.g. importances need two complete trials; a plot is never worth a crash
             log.warning("skipped the %s plot: %s", name.removeprefix("plot_"), exc)
         finally:
             plt.close("all")
         crashpoint("sweep.during_plotting")
+
+
+def legible(axes, study, metric: str) -> None:
+    """A figure large enough for its labels, the searched params by their whole names (Optuna cuts them
+    at 20 characters), slanted names that start under their axis, and the metric on the y axis."""
+    figure = axes.figure
+    figure.set_size_inches(*PLOT_SIZE)
+    names = sorted({name for trial in study.get_trials(deepcopy=False) for name in trial.params})
+    labels = [label.get_text() for label in axes.get_xticklabels()]
+    if any(label.endswith("...") for label in labels):  # the parallel coordinates' axis names
+        whole = [next((n for n in names if label.endswith("...") and n.startswith(label[:-3])), label)
+                 for label in labels]
+        axes.set_xticks(axes.get_xticks(), whole, rotation=-25, ha="left", rotation_mode="anchor")
+    if axes.get_ylabel() == "Intermediate Value":
+        axes.set_ylabel(f"{metric} (reported during training)")
+    elif not axes.get_ylabel() and axes.get_xlabel() != "Hyperparameter Importance":
+        axes.set_ylabel(metric)  # the parallel coordinates' leftmost axis
+    axes.set_title(axes.get_title(), pad=14)  # clear of the top tick labels
+    figure.tight_layout()
 
 
 def set_status(client: MlflowClient, run_id: str, status: RunStatus) -> None:

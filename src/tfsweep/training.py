@@ -55,10 +55,15 @@ def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = N
     return metrics
 
 
-def evaluate_checkpoint(cfg: DictConfig, split: str = "test") -> dict[str, float]:
-    """Restore the latest checkpoint of `cfg.trainer.model_dir` and evaluate it on `split`."""
+def restore_checkpoint(cfg: DictConfig) -> Trainer:
+    """A trainer holding the latest checkpoint of `cfg.trainer.model_dir` (to evaluate it or log its model)."""
     validate(cfg)
     trainer = Trainer(cfg, load_splits(cfg.data))
     if trainer.start_step == 0:
         raise UserError(f"trainer.model_dir={cfg.trainer.model_dir} holds no checkpoint to evaluate")
-    return trainer.evaluate(split)
+    return trainer
+
+
+def evaluate_checkpoint(cfg: DictConfig, split: str = "test") -> dict[str, float]:
+    """Restore the latest checkpoint of `cfg.trainer.model_dir` and evaluate it on `split`."""
+    return restore_checkpoint(cfg).evaluate(split)
