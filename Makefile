@@ -45,11 +45,10 @@ bench: install data  ## the full benchmark; results in bench/results/
 bench-quick: install data
 	$(PY) src/bench.py --quick $(ARGS)
 
-# One web worker and no job runner (seven queue consumers for GenAI evaluation jobs, unused here): two
-# processes and ~0.5 GB instead of ~15 and several GB on a 2-core machine.
-ui: install  ## browse runs at http://127.0.0.1:5000
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --workers 1 \
-	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+# Prints each experiment's runs-table address (MLflow 3 would open its GenAI pages), then serves the UI
+# with one web worker and no job runner: make ui ARGS="--port 5050 --host 0.0.0.0"
+ui: install  ## browse runs at http://127.0.0.1:5000 (MLFLOW_TRACKING_URI, else ./mlflow.db)
+	$(PY) src/ui.py $(ARGS)
 
 stack-up: install  ## PostgreSQL + an authenticated MLflow server in .stack/, for multi-worker sweeps
 	$(PY) src/stack.py up $(ARGS)

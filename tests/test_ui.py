@@ -1,0 +1,70 @@
+"""`make ui` (src/ui.py): the printed addresses open each experiment's runs table, and the server it
+starts reads the same store as training with one worker and no job runner."""
+
+import os
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+import ui
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for name in ("older", "newer"):
+        client.set_terminated(client.create_run(client.create_experiment(name)).info.run_id)
+    client.create_experiment("nothing-yet")
+    return uri
+
+
+def test_one_runs_table_address_per_experiment_with_runs_newest_first(store):
+    client = MlflowClient(store)
+    ids = {name: client.get_experiment_by_name(name).experiment_id for name in ("older", "newer")}
+    assert ui.runs_table_urls(store, "http://127.0.0.1:5050/") == {
+        name: f"http://127.0.0.1:5050/#/experiments/{ids[name]}/runs?workflowType=machine_learning"
+        for name in ("newer", "older")}
+    assert list(ui.runs_table_urls(store, "http://h:1")) == ["newer", "older"]
+
+
+def test_the_default_store_is_trainings(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert ui.default_store() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u@db/mlflow")
+    assert ui.default_store() == "postgresql://u@db/mlflow"
+
+
+def test_prints_the_addresses_then_becomes_mlflow_ui_with_one_worker_and_no_job_runner(store, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    ui.main(["--port", "5123", "--host", "0.0.0.0", "--backend-store-uri", store])
+    out = capsys.readouterr().out
+    assert "newer: http://127.0.0.1:5123/#/experiments/" in out and "nothing-yet" not in out
+    [(path, argv, env)] = calls
+    assert path == sys.executable and argv[1:4] == ["-m", "mlflow", "ui"]
+    options = dict(zip(argv[4::2], argv[5::2]))
+    assert options == {"--workers": "1", "--host": "0.0.0.0", "--port": "5123", "--backend-store-uri": store}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_a_database_password_goes_to_the_environment_not_the_command_line(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    monkeypatch.setattr(ui, "runs_table_urls", lambda store, base: {"e": f"{base}/#/experiments/1/runs"})
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://tfsweep:s3cret@127.0.0.1:5432/mlflow")
+    ui.main([])
+    [(argv, env)] = calls
+    assert "s3cret" not in " ".join(argv) + capsys.readouterr().out
+    assert argv[-1] == "postgresql://tfsweep@127.0.0.1:5432/mlflow" and env["PGPASSWORD"] == "s3cret"
+
+
+def test_an_unreadable_store_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        ui.main(["--backend-store-uri", f"sqlite:///{tmp_path}/a-file/mlflow.db"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ui: cannot read the tracking store sqlite:///") and len(err.splitlines()) == 1
