@@ -11,6 +11,7 @@ import optuna
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
+from tfsweep import checkpoint_artifacts
 from tfsweep import study as studies
 from tfsweep import sweep_tracking, tracking, training
 from tfsweep.config import CONFIG_DIR
@@ -83,11 +84,9 @@ def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, cli
     model_id = tracking.ready_model(client, run_id) if register_as else None
     needs_network = bool(register_as) and model_id is None
     model_dir = Path(trial_cfg.trainer.model_dir)
-    if (test_accuracy is None or needs_network) and not model_dir.exists() and client is not None:
-        # The best trial ran on another machine: its checkpoints are in its MLflow run.
-        model_dir.parent.mkdir(parents=True, exist_ok=True)
-        downloaded = client.download_artifacts(run_id, "checkpoints", str(model_dir.parent))
-        Path(downloaded).rename(model_dir)
+    if (test_accuracy is None or needs_network) and client is not None:
+        # The best trial may have ended on another machine: its latest checkpoint is in its MLflow run.
+        checkpoint_artifacts.restore(client, run_id, model_dir)
     trainer = training.restore_checkpoint(trial_cfg) if needs_network else None
     if test_accuracy is None:
         tested = trainer.evaluate("test") if trainer else training.evaluate_checkpoint(trial_cfg, "test")

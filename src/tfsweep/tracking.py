@@ -33,6 +33,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from omegaconf import DictConfig, OmegaConf
 
+from tfsweep.checkpoint_artifacts import CheckpointUploader, uploads_while_training
 from tfsweep.crashpoints import crashpoint
 from tfsweep.credentials import redact_url
 from tfsweep.errors import TrackingError, first_line
@@ -127,7 +128,14 @@ def _probe_write(uri: str) -> None:
 
 def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:
+        if (experiment := client.get_experiment_by_name(name)) is None:
+            raise
+        return experiment.experiment_id  # workers started together: another one created it first
 
 
 def redacted_config(cfg: DictConfig) -> DictConfig:
@@ -205,6 +213,7 @@ class MlflowHook(Hook):
         # every run's end waited up to a second for it.
         self._sender: ThreadPoolExecutor | None = None
         self._sending: list[Future] = []  # batches not yet known to be stored
+        self._checkpoints: CheckpointUploader | None = None
 
     # -- run lifecycle -----------------------------------------------------------------------------
     def _recorded_run_id(self, model_dir: Path, exp_id: str) -> str | None:
@@ -261,6 +270,8 @@ class MlflowHook(Hook):
                             "the new ones are in config.yaml", ", ".join(changed))
         self.run_id = run_id
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        self._checkpoints = CheckpointUploader(self.client, run_id, self.cfg.tracking.log_checkpoints
+                                               and uploads_while_training(self.cfg.tracking.uri))
         missing = [Param(k, v) for k, v in params.items() if k not in logged_params]
         if missing or new_tags:
             self.client.log_batch(run_id, params=missing, tags=[RunTag(k, str(v)) for k, v in new_tags.items()])
@@ -290,6 +301,10 @@ class MlflowHook(Hook):
         # The points up to a checkpoint are stored before it exists: a resumed run recomputes only
         # the steps after it, so points still queued at a kill would otherwise be lost for good.
         self._wait_for_queue()
+        self._checkpoints.wait()  # the manager deletes an old checkpoint while it saves
+
+    def after_checkpoint(self, trainer, step, path):
+        self._checkpoints.saved(trainer.model_dir, path)
 
     def _wait_for_queue(self) -> None:
         for operation in self._sending:
@@ -306,7 +321,7 @@ class MlflowHook(Hook):
             self._sender.shutdown()
         if error is None:
             if self.cfg.tracking.log_checkpoints:
-                self._log_checkpoints(trainer)
+                self._checkpoints.finish(trainer.model_dir, trainer.manager.checkpoints)
             if self.cfg.tracking.log_model:
                 log_model(self.cfg.tracking.uri, self.run_id, trainer)
             if trainer.stop_reason:
@@ -314,20 +329,10 @@ class MlflowHook(Hook):
             crashpoint("tracking.before_terminated")
             self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
         else:
+            self._checkpoints.close()  # the last checkpoint a retry may start from
             status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
             self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
-
-    def _log_checkpoints(self, trainer) -> None:
-        """The kept checkpoints under `checkpoints/`, the `checkpoint` index last, so that an index in
-        the artifacts names only files already there; an upload cut short is redone whole."""
-        files = sorted(p for prefix in trainer.manager.checkpoints for p in Path(prefix).parent.glob(
-            Path(prefix).name + ".*"))
-        for number, path in enumerate(files):
-            self.client.log_artifact(self.run_id, str(path), "checkpoints")
-            if number == 0:
-                crashpoint("tracking.during_checkpoint_upload")
-        self.client.log_artifact(self.run_id, str(trainer.model_dir / "checkpoint"), "checkpoints")
 
 
 def _write_atomically(path: Path, text: str) -> None:
