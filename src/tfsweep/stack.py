@@ -81,7 +81,8 @@ def _pg_bin() -> Path:
     return found[0]
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
+    """A TCP port nothing listens on now (for a second stack beside the default one, as the tests start)."""
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
@@ -111,6 +112,11 @@ def _pid_alive(pid_file: Path) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def secrets_of(running: Stack) -> dict[str, str]:
+    """The stack's generated passwords by name, so that a test can check that none reached the record."""
+    return json.loads((Path(running.state_dir) / "secrets.json").read_text())
 
 
 def load(state_dir: Path) -> Stack:
@@ -205,7 +211,7 @@ def up(state_dir: Path, host: str = "127.0.0.1", mlflow_port: int = 5001) -> Sta
     else:
         secrets_ = {name: secrets.token_urlsafe(24) for name in ("postgres", "admin", "worker", "flask")}
         _write_private(secrets_file, json.dumps(secrets_))
-        stack = Stack(str(state_dir), host, _free_port(host), mlflow_port)
+        stack = Stack(str(state_dir), host, free_port(host), mlflow_port)
         (state_dir / "stack.json").write_text(json.dumps(asdict(stack)))
     _write_private(stack.pgpass, f"{host}:{stack.pg_port}:*:{DB_USER}:{secrets_['postgres']}\n")
     _write_private(stack.worker_env_file, f"export MLFLOW_TRACKING_URI={stack.tracking_uri}\n"

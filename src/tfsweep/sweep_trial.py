@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attributes, set as soon as the trial's MLflow run exists
 RUN_URL_ATTR = "mlflow_run_url"
+RESTORED_ATTR = "restored_step"  # a retry that resumed from a checkpoint its run logged on another machine
 
 
 class PruningHook(Hook):
@@ -66,8 +67,12 @@ class TrialRunHook(Hook):
             return
         client = mlflow.MlflowClient(trainer.cfg.tracking.uri)
         run = client.get_run(run_id)
+        url = run_url(trainer.cfg.tracking.uri, run.info.experiment_id, run_id)
         self.trial.set_user_attr(RUN_ID_ATTR, run_id)
-        self.trial.set_user_attr(RUN_URL_ATTR, run_url(trainer.cfg.tracking.uri, run.info.experiment_id, run_id))
+        self.trial.set_user_attr(RUN_URL_ATTR, url)
+        from optuna_dashboard import save_note
+
+        save_note(self.trial, f"MLflow run [{run.info.run_name}]({url})")  # a link on the trial's dashboard page
         shown = flatten(trainer.cfg)
         logged = run.data.params
         for name, value in self.params.items():
@@ -144,7 +149,8 @@ def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> No
             cfg = trial_config(ctx.overrides, params, str(folder), experiment_name=ctx.experiment,
                                run_name=f"trial-{folder.name}")
             if history and cfg.tracking.enabled:
-                restore_first_attempt(ctx, cfg, history)
+                if (step := restore_first_attempt(ctx, cfg, history)) is not None:
+                    trial.set_user_attr(RESTORED_ATTR, step)
             metrics = train(cfg, hooks=[TrialRunHook(trial, params), pruning, timer],
                             parent_run_id=ctx.parent_run_id, run_tags=tags)
         result = Outcome.pruned if pruning.pruned_at is not None else Outcome.complete
