@@ -56,5 +56,9 @@ stack-up: install  ## PostgreSQL + an authenticated MLflow server in .stack/, fo
 stack-down: install
 	$(PY) src/stack.py down $(ARGS)
 
+.PHONY: loadtest
+loadtest: install  ## the coordination layer under 16, 32, 64 stand-in workers: make loadtest ARGS="--workers 32"
+	$(PY) src/loadtest.py $(ARGS)
+
 clean:
 	rm -rf outputs multirun
