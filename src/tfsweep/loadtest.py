@@ -480,8 +480,10 @@ def run_level(overrides: list[str], n_workers: int, workdir: Path, pids: dict[st
     processes = [spawn.Process(target=worker_main, name=f"loadtest-worker-{i}",
                                args=(ctx, i, ready, start, str(outputs[i]), train_seconds, checkpoint_size))
                  for i in range(n_workers)]
-    for process in processes:
-        process.start()
+    # Not a "View run ... at" line on stdout for every trial's end.
+    with patch.dict(os.environ, {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+        for process in processes:
+            process.start()
     _wait_until_loaded(processes, ready, start_timeout)
     start.set()
     started = time.perf_counter()
