@@ -221,3 +221,20 @@ def test_a_schedule_changes_training_and_the_constant_one_is_the_plain_learning_
     assert not all(np.array_equal(a, b) for a, b in zip(constant, exponential))
     for a, b in zip(constant, cosine_at_alpha_1):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_process_reads_its_data_once_until_a_file_changes(make_cfg, tmp_path, synthetic_data):
+    import shutil
+
+    from tfsweep.training import cached_splits
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data["data.root"], root)
+    cfg = make_cfg(**{"data.root": str(root)})
+    first = cached_splits(cfg.data)
+    assert cached_splits(make_cfg(**{"data.root": str(root)}).data) is first  # the next trial's config
+    assert cached_splits(make_cfg(**{"data.root": str(root), "data.validation_size": "20"}).data) is not first
+    labels = root / cfg.data.test_labels.name
+    labels.write_bytes(labels.read_bytes()[:-1])  # truncated: verified again, refused, fetched again (none)
+    with pytest.raises(Exception, match=labels.name):
+        cached_splits(cfg.data)
