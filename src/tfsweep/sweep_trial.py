@@ -18,13 +18,12 @@ from optuna.trial import TrialState
 from tfsweep import checkpoint_artifacts
 from tfsweep import study as studies
 from tfsweep import sweep_tracking
-from tfsweep.config import flatten
 from tfsweep.crashpoints import crashpoint
 from tfsweep.errors import UserError, first_line
 from tfsweep.hooks import Hook, TrainingTimer
 from tfsweep.study import Outcome
 from tfsweep.sweep_config import ParamType, SweepContext, trial_config
-from tfsweep.tracking import RUN_ID_FILE
+from tfsweep.tracking import RUN_ID_FILE, run_params
 from tfsweep.training import train
 
 log = logging.getLogger(__name__)
@@ -53,8 +52,8 @@ class PruningHook(Hook):
 
 class TrialRunHook(Hook):
     """Links the trial and its MLflow run as soon as the run exists: the run's id and URL as user
-    attributes of the trial (the Optuna dashboard shows them), and the trial's params that the training
-    config does not show (config group choices) as params of the run."""
+    attributes of the trial (the Optuna dashboard shows them), and the trial's searched values that the
+    run's params (`tracking.params`) lack, such as config group choices, as params of the run."""
 
     def __init__(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
         self.trial, self.params = trial, params
@@ -73,7 +72,7 @@ class TrialRunHook(Hook):
         from optuna_dashboard import save_note
 
         save_note(self.trial, f"MLflow run [{run.info.run_name}]({url})")  # a link on the trial's dashboard page
-        shown = flatten(trainer.cfg)
+        shown = run_params(trainer.cfg)
         logged = run.data.params
         for name, value in self.params.items():
             if name not in shown and name not in logged:
