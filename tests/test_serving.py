@@ -75,7 +75,7 @@ def test_the_sweeps_champion_is_registered_and_served_over_rest(tmp_path):
     # Only the best trial has a model.
     models = client.search_logged_models([best_run.info.experiment_id])
     assert [model.source_run_id for model in models] == [best_run.info.run_id]
-    assert champion.model_id == models[0].model_id and models[0].name == best_run.info.run_name
+    assert champion.source == f"models:/{models[0].model_id}" and models[0].name == best_run.info.run_name
 
     splits = load_splits(cfg.data)
     images, labels = splits.test_images[:10], splits.test_labels[:10]

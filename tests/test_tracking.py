@@ -4,20 +4,23 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
 from conftest import N_TEST, N_TRAIN, N_VALIDATION, TINY_TRAINING
 
-from tfsweep import tracking
+from tfsweep import sweep_tracking, tracking
 from tfsweep.config import CONFIG_DIR
 from tfsweep.data import load_splits
 from tfsweep.errors import NonFiniteLossError, TrackingError
 from tfsweep.hooks import Hook, LoggingHook
+from tfsweep.sweep_config import Direction
 from tfsweep.trainer import Trainer
 from tfsweep.training import train
 
@@ -289,3 +292,45 @@ def test_processes_creating_a_fresh_store_at_once_all_connect(tmp_path):
     outcomes = {name: worker.communicate("go\n", timeout=120)[0].strip().splitlines()[-1]
                 for name, worker in workers.items()}
     assert outcomes["ours"] == "ok", outcomes
+
+
+def test_the_parent_run_has_context_tags_and_no_unset_settings(tmp_path):
+    client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study = optuna.create_study(study_name="study", direction="maximize")
+    settings = {"sweep.n_trials": 2, "sweep.direction": Direction.maximize, "sweep.pruner.n_startup_trials": None}
+    run = client.get_run(sweep_tracking.parent_run(client, "exp", study, settings))
+    assert run.data.params == {"sweep.n_trials": "2", "sweep.direction": "maximize"}
+    assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_the_best_model_is_logged_once_registered_once_and_is_the_champion(tmp_path):
+    import keras
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.connect(uri)
+    run_id = client.create_run(tracking.experiment_id(client, "exp"), run_name="trial-0003").info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    finished = client.get_run(run_id).info
+    network = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    trainer = SimpleNamespace(network=network, splits=SimpleNamespace(test_images=images),
+                              global_step=SimpleNamespace(numpy=lambda: 70))
+    study = optuna.create_study(study_name="study", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"x": 1.0}, value=0.9,
+                                              distributions={"x": optuna.distributions.FloatDistribution(0, 2)}))
+
+    model_id = tracking.log_model(uri, run_id, trainer)
+    registered = [sweep_tracking.register_champion(uri, model_id, "digits", study, 0.95) for _ in range(2)]
+    assert tracking.log_model(uri, run_id, trainer) == model_id  # a second publication adds nothing
+
+    assert registered == ["models:/digits/1"] * 2
+    assert [str(v.version) for v in client.search_model_versions("name = 'digits'")] == ["1"]
+    champion = client.get_model_version_by_alias("digits", "champion")
+    assert champion.source == f"models:/{model_id}" and champion.run_id == run_id
+    run = client.get_run(run_id)  # the trial's run keeps its end
+    assert (run.info.status, run.info.end_time) == ("FINISHED", finished.end_time)
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model_id, 70)]
+    assert client.get_logged_model(model_id).name == "trial-0003"
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/digits@champion").predict(images)
+    np.testing.assert_array_equal(served, np.argmax(network.predict(images / 255.0, verbose=0), axis=1))

@@ -9,6 +9,7 @@ own paths, and the parent is marked FINISHED last.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 import warnings
@@ -58,7 +59,8 @@ def parent_run(client: MlflowClient, experiment: str, study, params: dict[str, A
             client.delete_run(mine)
         study.set_user_attr(PARENT_ATTR, run_id)
     logged = client.get_run(run_id).data.params
-    if missing := [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged and v is not None]:
+    if missing := [Param(k, str(v.value if isinstance(v, enum.Enum) else v)[:6000]) for k, v in params.items()
+                   if k not in logged and v is not None]:  # `maximize`, not `Direction.maximize`
         client.log_batch(run_id, params=missing)
     return run_id
 
@@ -102,7 +104,9 @@ def register_champion(uri: str, model_id: str, name: str, study, test_accuracy: 
     """
     mlflow.set_tracking_uri(uri)  # the registry lives in the tracking store
     client = MlflowClient(uri)
-    versions = [v for v in client.search_model_versions(f"name = '{name}'") if v.model_id == model_id]
+    # The SQL registry keeps a version's LoggedModel in its source, `models:/<model_id>`.
+    versions = [v for v in client.search_model_versions(f"name = '{name}'")
+                if model_id in (v.model_id, v.source.removeprefix("models:/"))]
     if versions:
         version = versions[0]
     else:
