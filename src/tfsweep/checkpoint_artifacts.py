@@ -100,7 +100,8 @@ class CheckpointUploader:
                 self._uploaded.add(path.name)
                 if number == 0:
                     crashpoint("tracking.during_checkpoint_upload")
-        self.client.log_artifact(self.run_id, str(model_dir / INDEX), ARTIFACT_DIR)
+        if (model_dir / INDEX).exists():  # none when training stopped (pruned) before its first save
+            self.client.log_artifact(self.run_id, str(model_dir / INDEX), ARTIFACT_DIR)
 
 
 def _latest_name(index_folder: Path) -> str | None:
