@@ -27,7 +27,7 @@ def times(value: float | None) -> str:
 
 
 def _pruning(d: dict, result: dict) -> str:
-    on, off = d["median"], d["none"]
+    on, off = d.get("pruned", d.get("median")), d["none"]  # older results: "median"
     pruner = f"{on['pruner']}: " if "pruner" in on else ""  # older results: the median pruner
     return (f"{pruner}{on['wall_seconds']:.0f} vs {off['wall_seconds']:.0f} s; best val accuracy {pct(on['best_value'])} "
             f"vs {pct(off['best_value'])}; {on['n_pruned']} of {on['n_complete'] + on['n_pruned']} trials pruned")
@@ -59,15 +59,40 @@ def _trial_overhead(d: dict, result: dict) -> str:
             f"(mean of {d['trials_measured']} trials of {d['trial_steps']} steps): {phases}")
 
 
+def _fast_preset_seeds(d: dict, result: dict) -> str:
+    def seconds(value: float | None) -> str:
+        return "not reached" if value is None else f"{value:.0f} s"
+
+    runs = d["runs"]
+    finals = ", ".join(f"seed {r['seed']} {pct(r['test_accuracy'])}" for r in runs["schedule"])
+    with_schedule = ", ".join(seconds(r["seconds_to_99.0"]) for r in runs["schedule"])
+    constant = ", ".join(seconds(r["seconds_to_99.0"]) for r in runs["constant"])
+    before = ", ".join(pct(r["test_accuracy"]) for r in runs["constant"])
+    return (f"{d['seeds_at_99.0']} of {len(runs['schedule'])} seeds end at ≥ 99.0% ({finals}); time to 99.0% "
+            f"{with_schedule} vs {constant} with a constant rate (which ends at {before}), median ratio "
+            f"{times(d['time_to_99.0_ratio'])}")
+
+
+def _default_sweep(d: dict, result: dict) -> str:
+    return (f"{d['wall_seconds']:.0f} s from an empty study; {d['n_complete']} complete, {d['n_pruned']} pruned "
+            f"({d['pruner']}), {d['n_failed']} failed of {d['n_trials']} trials of {d['trial_steps']} steps; "
+            f"best val accuracy {pct(d['best_value'])}, " + " ".join(f"{k}={v:.4g}" if isinstance(v, float)
+                                                                    else f"{k}={v}" for k, v in d["best_params"].items()))
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the table: which result row, what it compares, how its value reads, its goal, the context."""
 
     key: str
-    comparison: str
+    comparison: str | Callable[[dict], str]  # a callable reads the row's detail (older results differ)
     value: Callable[[dict], str]
-    goal: str
+    goal: str | Callable[[dict], str]
     measured: Callable[[dict, dict], str]
+
+    def text(self, field: str, detail: dict) -> str:
+        value = getattr(self, field)
+        return value if isinstance(value, str) else value(detail)
 
 
 ROWS = (  # numbered in this order; a row not measured (--no-sweep) keeps its number free
@@ -91,14 +116,20 @@ ROWS = (  # numbered in this order; a row not measured (--no-sweep) keeps its nu
     Row("time_to_accuracy", "time to accuracy: fast preset to 99.0% vs tutorial config to 97.3%",
         lambda row: ("> " if row["detail"]["speedup_is_lower_bound"] and row["value"] is not None else "")
         + times(row["value"]), "report", _time_to_accuracy),
-    Row("pruning", "sweep with median pruning vs without (wall time, same seed)", lambda row: times(row["value"]),
-        "report", _pruning),
+    Row("pruning", lambda d: ("sweep with median pruning vs without (wall time, same seed)" if "median" in d
+                              else "sweep with its pruner vs without (wall time, same seed)"),
+        lambda row: times(row["value"]), lambda d: "report" if "median" in d else "≤ 0.5x, best val within 0.1 point",
+        _pruning),
     Row("sweep_overhead", "sweep overhead: a trial's time outside training steps", lambda row: pct(row["value"]),
         "report", lambda d, result: (
             f"{d['median_overhead_seconds']:.1f} s of a {d['median_trial_seconds']:.1f} s trial (median); "
             f"{d['storage']} of {max(v or 0 for v in d['storage_bytes'].values()) / 1024:.0f} KiB")),
     Row("trial_overhead", "trial overhead by phase: time outside training steps, both sweeps' trials",
         lambda row: pct(row["value"]), "≤ 10%", _trial_overhead),
+    Row("fast_preset_seeds", "fast preset: final test accuracy, lowest of its seeds", lambda row: pct(row["value"]),
+        "≥ 99.0% for every seed", _fast_preset_seeds),
+    Row("default_sweep", "default sweep (`make sweep`): the selected trial's test accuracy",
+        lambda row: pct(row["value"]), "≥ 99.3% in ≤ 600 s", _default_sweep),
 )
 
 
@@ -107,8 +138,9 @@ def table(result: dict[str, Any]) -> str:
     lines = ["| # | comparison | result | goal | measured |", "|---|---|---|---|---|"]
     for number, row in enumerate(ROWS, start=1):
         if measured := result["rows"].get(row.key):
-            lines.append(f"| {number} | {row.comparison} | {row.value(measured)} | {row.goal} "
-                         f"| {row.measured(measured['detail'], result)} |")
+            detail = measured["detail"]
+            lines.append(f"| {number} | {row.text('comparison', detail)} | {row.value(measured)} "
+                         f"| {row.text('goal', detail)} | {row.measured(detail, result)} |")
     m = result["machine"]
     lines.append("")
     lines.append(f"{m['cpu']} (family {m['cpu_family']} model {m['cpu_model']}), {m['cores']} cores, "

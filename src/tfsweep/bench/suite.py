@@ -20,7 +20,8 @@ from tfsweep.config import compose_config
 
 log = logging.getLogger(__name__)
 
-PRUNING_SIDES = {"median": (), "none": ("sweeps/pruner=none",)}  # the pruning row's two sweeps
+PRUNING_SIDES = {"pruned": (), "none": ("sweeps/pruner=none",)}  # the sweep's own pruner, and none
+CONSTANT_RATE = ("schedule=constant",)  # the fast preset as it was before it had a schedule
 
 
 @dataclass(frozen=True)
@@ -35,29 +36,44 @@ class Settings:
     tutorial_monitor_every: int  # the same for the tutorial's configuration, which learns more slowly
     fast_overrides: tuple[str, ...] = ()  # applied on top of the fast preset (quick: fewer steps)
     sweep_overrides: tuple[str, ...] = ("sweeps=bench",)  # the sweep of rows 6-8: a file in sweeps/
+    fast_seeds: tuple[int, ...] = (0, 1, 2)  # row 9: the fast preset must end at >= 99.0% for each
+    default_sweep_overrides: tuple[str, ...] = ("sweeps=default",)  # row 10: `make sweep`, from an empty study
 
 
 MODES = {
     "quick": Settings(speed_steps=150, repeats=2, matmul_size=1024, tutorial_budget_s=30, monitor_every=100,
                       tutorial_monitor_every=200, fast_overrides=("trainer.steps=400",),
-                      sweep_overrides=("sweeps=bench_quick",)),
+                      sweep_overrides=("sweeps=bench_quick",), fast_seeds=(0, 1),
+                      default_sweep_overrides=("sweeps=quick",)),
     "full": Settings(speed_steps=200, repeats=5, matmul_size=2048, tutorial_budget_s=180, monitor_every=100,
                      tutorial_monitor_every=500),
 }
 
 
-def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None) -> dict[str, Any]:
-    """Measure every row; return {mode, machine, settings, rows: {...}, runs, curves}."""
+GROUPS = ("speed", "accuracy", "fast_seeds", "sweep", "default_sweep")  # rows 1-4, 5, 9, 6-8, 10
+
+
+def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None,
+        groups: tuple[str, ...] = GROUPS) -> dict[str, Any]:
+    """Measure every row (or the `groups` named); return {mode, machine, settings, rows: {...}, runs, curves}."""
     settings = MODES[mode]
     root = Path(tempfile.mkdtemp(prefix="tfsweep-bench-", dir=workdir))
-    result: dict[str, Any] = {"mode": mode, "machine": machine.describe(), "settings": asdict(settings), "rows": {}}
+    label = mode if set(groups) == set(GROUPS) else "-".join((mode, *groups))  # a partial run says so
+    result: dict[str, Any] = {"mode": label, "machine": machine.describe(), "settings": asdict(settings), "rows": {}}
     try:
         ws = Workspace(root)  # one for all rows: its run folders are numbered, and a reused one would resume
-        speed_rows(settings, ws, result)
-        accuracy_rows(settings, ws, result)
-        if with_sweep:
+        if "speed" in groups:
+            speed_rows(settings, ws, result)
+        if "accuracy" in groups:
+            accuracy_rows(settings, ws, result)
+        if "fast_seeds" in groups:
+            fast_seed_rows(settings, ws, result)
+        if with_sweep and "sweep" in groups:
             log.info("rows 6-8: the benchmark's sweep with pruning on and off, its trials timed by phase")
             result["rows"].update(sweep_rows(settings, root))
+        if with_sweep and "default_sweep" in groups:
+            log.info("row 10: the default sweep from an empty study, and its best trial's test accuracy")
+            result["rows"].update(default_sweep_row(settings, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return result
@@ -149,6 +165,52 @@ def accuracy_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> 
     keras.backend.clear_session()
 
 
+def fast_seed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> None:
+    """Row 9: the fast preset's final test accuracy for each seed, and its time to 99.0% against the same
+    preset with a constant learning rate, the two sides alternating seed by seed."""
+    import keras
+
+    log.info("row 9: the fast preset with and without its schedule, seeds %s", list(settings.fast_seeds))
+    sides = {"schedule": (), "constant": CONSTANT_RATE}
+    seeds = {side: iter(settings.fast_seeds) for side in sides}
+
+    def fast_run(side: str) -> dict[str, Any]:
+        seed = next(seeds[side])
+        run = curve_run(ws.config(f"experiment={FAST_PRESET}", *settings.fast_overrides, *sides[side],
+                                  f"trainer.seed={seed}"), settings.monitor_every)
+        keras.backend.clear_session()
+        return {"seed": seed, "test_accuracy": run["test/accuracy"], "seconds_to_99.0": time_to(run["points"], FAST_TARGET),
+                "training_seconds": run["points"][-1][0]}
+
+    runs = alternate({side: lambda side=side: fast_run(side) for side in sides}, len(settings.fast_seeds))
+    to_target = {side: [r["seconds_to_99.0"] for r in runs[side]] for side in sides}
+    reached = all(s is not None for times_ in to_target.values() for s in times_)
+    result["rows"]["fast_preset_seeds"] = {
+        "value": min(r["test_accuracy"] for r in runs["schedule"]), "goal": "report",
+        "detail": {"seeds": list(settings.fast_seeds), "runs": runs,
+                   "seeds_at_99.0": sum(r["test_accuracy"] >= FAST_TARGET for r in runs["schedule"]),
+                   "time_to_99.0_ratio": median_ratio(to_target["schedule"], to_target["constant"]) if reached else None}}
+
+
+def default_sweep_row(settings: Settings, root: Path, extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Row 10: the default sweep as `make sweep` runs it, from an empty study: its wall time, and the test
+    accuracy of the trial it selects on validation."""
+    from tfsweep.sweep import run_sweep
+    from tfsweep.sweep_config import compose_sweep
+
+    study_dir = root / "default-sweep"
+    cfg = compose_sweep([*settings.default_sweep_overrides, *extra_overrides, "sweep.study_name=bench-default",
+                         f"sweep.dir={study_dir}", f"paths.output_dir={study_dir}",
+                         f"tracking.uri=sqlite:///{root / 'default-sweep.db'}"])
+    outcome = run_sweep(cfg)
+    return {"default_sweep": {
+        "value": outcome["best_test_accuracy"], "goal": "≥ 99.3% in ≤ 600 s",
+        "detail": {"wall_seconds": outcome["wall_seconds"], "n_trials": cfg.sweep.n_trials,
+                   "pruner": cfg.sweep.pruner._target_.rsplit(".", 1)[-1], "trial_steps": cfg.trainer.steps,
+                   **{key: outcome[key] for key in ("n_complete", "n_pruned", "n_failed", "best_value", "best_params",
+                                                    "best_test_accuracy")}}}}
+
+
 def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Rows 6-8: the benchmark's sweep (same sampler seed) with its pruner on and off, every trial timed
     by phase. `extra_overrides` apply to both sweeps (tests shrink them with it); the sides' pruners, study
@@ -168,7 +230,7 @@ def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] 
             storage = Path(str(cfg.sweep.storage))
             outcome["storage_bytes"] = storage.stat().st_size if storage.exists() else None
             outcomes[side] = outcome
-    on, off = outcomes["median"], outcomes["none"]
+    on, off = outcomes["pruned"], outcomes["none"]
     trials = [t for t in on["trials"] + off["trials"] if t["seconds"] is not None]
     phases = overhead.breakdown(clock.trials)
     return {
