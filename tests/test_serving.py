@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from tfsweep.data import load_splits
 from tfsweep.sweep import run_sweep
-from tfsweep.sweep_config import compose_sweep
+from tfsweep.sweep_config import ParamSpec, ParamType, compose_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +60,9 @@ def test_the_sweeps_champion_is_registered_and_served_over_rest(tmp_path):
         f"tracking.registered_model_name={MODEL_NAME}",
         # A small network, Adam at batch 100 in every trial: ~95% after 300 steps, in seconds.
         "model.filters=[8,16]", "model.dense_units=64", "trainer.precision=float32", "trainer.steps=300",
-        "trainer.eval_every=300", "sweep.params.optimizer.choices=[adam]", "sweep.params.data.batch_size.choices=[100]",
-        "sweep.params.optimizer.learning_rate.low=0.001", "sweep.params.optimizer.learning_rate.high=0.003",
+        "trainer.eval_every=300", "optimizer=adam", "data.batch_size=100",
     ])
+    cfg.sweep.params = {"optimizer.learning_rate": ParamSpec(type=ParamType.float, low=0.001, high=0.003, log=True)}
     result = run_sweep(cfg)
     assert result["best_model_uri"] == f"models:/{MODEL_NAME}/1"
 
