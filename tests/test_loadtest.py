@@ -60,6 +60,7 @@ def test_stand_in_calls_hooks_where_the_trainer_does(tmp_path):
             self.calls.append(f"end {error}")
 
     cfg = compose_sweep(["trainer.steps=100", "trainer.log_every=10", "trainer.eval_every=20",
+                         "trainer.checkpoint_every=20", "trainer.keep_checkpoints=1",
                          f"paths.output_dir={tmp_path}"])
     recorder = Recorder()
     trainer = loadtest.StandInTrainer(cfg, [recorder], train_seconds=0, checkpoint_size=10_000)
@@ -67,7 +68,7 @@ def test_stand_in_calls_hooks_where_the_trainer_does(tmp_path):
     assert recorder.calls == ["begin", "log 10", "log 20", "eval 20", "save 20", "log 30", "log 40", "eval 40",
                               "save 40", "end None"]
     kept = sorted(p.name for p in Path(cfg.trainer.model_dir).glob("ckpt-*"))
-    assert kept == ["ckpt-40.data-00000-of-00001", "ckpt-40.index"]  # keep_checkpoints=1 of the default sweep
+    assert kept == ["ckpt-40.data-00000-of-00001", "ckpt-40.index"]
     assert (Path(cfg.trainer.model_dir) / "ckpt-40.data-00000-of-00001").stat().st_size == 10_000
 
 
