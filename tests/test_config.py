@@ -179,3 +179,11 @@ def test_flatten_gives_dotted_keys():
     assert flat["model.dropout"] == 0.25
     assert flat["data.train_images.sha256"].startswith("ba8910")
     assert flat["optimizer._target_"] == "keras.optimizers.SGD"
+
+
+def test_a_sweep_trial_keeps_the_keys_of_its_optimizer_and_schedule_options():
+    from tfsweep.sweep_config import compose_sweep, training_part
+
+    cfg = compose_sweep(["optimizer=adam", "schedule=cosine", "schedule.warmup_steps=100"])
+    assert cfg.optimizer.beta_1 == 0.9 and cfg.schedule.warmup_steps == 100
+    validate(training_part(cfg))  # no option key taken for a typo

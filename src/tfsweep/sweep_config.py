@@ -90,8 +90,15 @@ class SweepContext:
 
 @dataclass
 class SweepRootConfig(Config):
-    """The composed sweep config: the whole training config plus the `sweep` node."""
+    """The composed sweep config: the whole training config plus the `sweep` node.
 
+    This schema is merged after the training config, so groups whose options extend their schema
+    (`adam_optimizer_schema`, `cosine_schedule_schema`) are left untyped here: typing them with the base
+    schema again would drop the option's own keys from its type, and `validate` would call them unknown.
+    """
+
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
