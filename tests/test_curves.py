@@ -15,6 +15,11 @@ def test_every_run_of_250_steps_or_more_is_evaluated_at_least_5_times(steps):
     assert steps // trainer.eval_every >= 5
 
 
+def test_the_fast_preset_of_the_readmes_first_command_draws_5_validation_points_too():
+    trainer = compose_config(BASE + ["experiment=fast"]).trainer
+    assert trainer.steps // trainer.eval_every >= 5
+
+
 def test_the_tutorial_run_keeps_its_2000_step_evaluations():
     assert compose_config(BASE).trainer.eval_every == 2000
     assert compose_config(BASE + ["trainer.steps=100000"]).trainer.eval_every == 2000
