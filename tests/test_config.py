@@ -182,8 +182,10 @@ def test_flatten_gives_dotted_keys():
 
 
 def test_a_sweep_trial_keeps_the_keys_of_its_optimizer_and_schedule_options():
-    from tfsweep.sweep_config import compose_sweep
+    from tfsweep.config import compose_config as compose_app_config
+    from tfsweep.sweep_config import register_sweep_configs
 
-    cfg = compose_sweep(["optimizer=adam", "schedule=cosine", "schedule.warmup_steps=100"])
+    register_sweep_configs()
+    cfg = compose_app_config("sweep", ["optimizer=adam", "schedule=cosine", "schedule.warmup_steps=100"])
     assert cfg.optimizer.beta_1 == 0.9 and cfg.schedule.warmup_steps == 100
     validate(cfg)  # as the preflight check does: no option key taken for a typo
