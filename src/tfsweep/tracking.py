@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from unittest.mock import patch
 
 import mlflow
 import numpy as np
@@ -52,9 +51,24 @@ CREATION_RACE = ("already exists", "duplicate key", "unique constraint failed", 
 CREATION_ATTEMPTS = 8
 
 
-def _fail_fast():
-    """Make an unreachable HTTP store fail in seconds rather than after minutes of retries."""
-    return patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    """Make an unreachable HTTP store fail in seconds rather than after minutes of retries.
+
+    Only these two variables are set and put back: `patch.dict` restores by clearing and refilling
+    os.environ, and MLflow's threads of an earlier run (telemetry, metric batches) read it meanwhile
+    (`KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'` in make loadtest)."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextmanager
