@@ -38,7 +38,10 @@ def compose_with_hydra(overrides: list[str]):
 @pytest.fixture
 def clean_environment(monkeypatch):
     for name in SECRET_VARIABLES:
-        monkeypatch.delenv(name, raising=False)  # and restored after the test
+        # Set, then deleted: monkeypatch records the variable only then, so that what move_secrets
+        # puts there is taken away after the test (a bare delenv of an absent variable records nothing).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize("env_uri, override, clean_uri, variables", [
@@ -134,7 +137,8 @@ def test_no_planted_password_reaches_any_record(tmp_path, synthetic_data, mlflow
     printed += [result.stdout, result.stderr]
     client = MlflowClient(f"http://{address}")
     [run] = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
-    assert run.data.params["tracking.uri"] == f"http://alice@{address}"
+    recorded = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert f"uri: http://alice@{address}" in recorded  # the store is recorded, without its password
 
     # A tiny sweep, the password in a tracking.uri override; then two storage URLs that cannot connect.
     sweep_dir = tmp_path / "sweep"
