@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from tfsweep.model import Mode, build_network, model_fn, training_flops_per_example
+from tfsweep.model import Mode, build_network, model_fn, training_flops_per_example, usable_precision
 
 TUTORIAL = OmegaConf.create({"name": "cnn", "filters": [32, 64], "kernel_size": 5, "pool_size": 2,
                              "dense_units": 1024, "dropout": 0.4, "num_classes": 10})
@@ -56,3 +56,16 @@ def test_modes_return_what_the_estimator_would():
                                   np.argmax(predict.predictions["probabilities"], axis=1))
     evaluate = model_fn(network, features, labels, Mode.EVAL)
     assert evaluate.loss.shape == () and 1.5 < float(evaluate.loss) < 3.5  # ~ln(10) at initialisation
+
+
+ZEN3_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma\n"
+ZEN4_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n"
+
+
+def test_mixed_bfloat16_falls_back_to_float32_only_on_an_x86_cpu_without_bfloat16(caplog):
+    assert usable_precision("mixed_bfloat16", ZEN4_FLAGS) == "mixed_bfloat16"
+    assert usable_precision("mixed_bfloat16", "Features\t: fp asimd bf16\n") == "mixed_bfloat16"  # no x86 flags
+    assert usable_precision("float32", ZEN3_FLAGS) == "float32"
+    with caplog.at_level("WARNING"):
+        assert usable_precision("mixed_bfloat16", ZEN3_FLAGS) == "float32"
+    assert "no bfloat16 instructions" in caplog.text

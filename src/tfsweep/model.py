@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 from omegaconf import DictConfig
 
 from tfsweep.data import IMAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 instructions behind oneDNN's fast bfloat16 kernels
+
+
+def usable_precision(precision: str, cpuinfo: str | None = None) -> str:
+    """`precision`, except `mixed_bfloat16` on an x86 CPU without bfloat16 instructions, which gets float32.
+
+    There bfloat16 is emulated: the fast preset ran at 0.6 steps/s on a 2-core AMD EPYC Zen 3 (AVX2
+    only), against ~36 steps/s on a Zen 4 with AVX-512 BF16. float32 weights are kept either way, so
+    checkpoints move between the two.
+    """
+    if precision != "mixed_bfloat16":
+        return precision
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None or BFLOAT16_FLAGS & set(flags):
+        return precision  # not x86 (no flags line to judge by), or bfloat16 in hardware
+    log.warning("trainer.precision=mixed_bfloat16 but this CPU has no bfloat16 instructions (%s): training "
+                "in float32, which is many times faster here", " or ".join(sorted(BFLOAT16_FLAGS)))
+    return "float32"
 
 
 class Mode(enum.Enum):

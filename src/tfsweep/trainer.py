@@ -29,7 +29,7 @@ from tfsweep.data import Splits
 from tfsweep.errors import ConfigError, NonFiniteLossError, UserError, first_line
 from tfsweep.hooks import Hook
 from tfsweep.inputs import eval_input_fn, train_input_fn
-from tfsweep.model import Mode, build_network, model_fn
+from tfsweep.model import Mode, build_network, model_fn, usable_precision
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Trainer:
         self.model_dir = Path(cfg.trainer.model_dir)
         check_batch_size(cfg, splits)
         keras.utils.set_random_seed(cfg.trainer.seed)  # initial weights and dropout masks
-        self.network = build_network(cfg.model, cfg.trainer.precision)
+        self.network = build_network(cfg.model, usable_precision(cfg.trainer.precision))
         # The schedule reads the optimizer's iteration count, which the checkpoint holds: a resumed run
         # continues the schedule where it stopped.
         self.optimizer = instantiate(cfg.optimizer, _partial_=True)(learning_rate=instantiate(cfg.schedule))
