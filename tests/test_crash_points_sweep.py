@@ -22,7 +22,7 @@ from tfsweep.crashpoints import ENV
 
 pytestmark = pytest.mark.slow
 
-N_TRIALS = 3
+N_TRIALS = 2  # enough for every point below: each names an occurrence within two trials
 CASES = {  # id: the kills, in order
     "after_trial_created": ["sweep.after_trial_created:2"],
     "before_owner_recorded": ["sweep.before_owner_recorded:2"],
@@ -35,6 +35,7 @@ CASES = {  # id: the kills, in order
     "during_best_test": ["sweep.during_best_test"],
     "during_plotting": ["sweep.during_plotting:2"],
     "during_publishing": ["sweep.during_publishing"],
+    "after_model_registered": ["sweep.after_model_registered"],
 }
 
 
