@@ -1,5 +1,6 @@
 import getpass
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -334,3 +335,22 @@ def test_the_best_model_is_logged_once_registered_once_and_is_the_champion(tmp_p
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model("models:/digits@champion").predict(images)
     np.testing.assert_array_equal(served, np.argmax(network.predict(images / 255.0, verbose=0), axis=1))
+
+
+@pytest.mark.parametrize("user_setting, expected", [(None, "true"), ("false", "false")])
+def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, user_setting, expected):
+    """MLflow's telemetry thread deletes a variable from os.environ while other threads iterate it (a metric
+    batch failed with KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in the load test): no client, no thread."""
+    code = ("import tfsweep, os, mlflow\n"
+            "from mlflow.telemetry.client import get_telemetry_client\n"
+            f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+            "with mlflow.start_run(): mlflow.log_metric('m', 1.0)\n"
+            "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], get_telemetry_client() is None)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    if user_setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = user_setting
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    setting, no_client = result.stdout.split()[-2:]
+    assert setting == expected
+    assert no_client == "True" or expected == "false"

@@ -168,7 +168,10 @@ def _start_mlflow(stack: Stack, secrets_: dict[str, str]) -> None:
         "auth_cache_ttl_seconds = 60\n")
     env = {**os.environ, "PGPASSFILE": str(stack.pgpass), "MLFLOW_AUTH_CONFIG_PATH": str(state / "basic_auth.ini"),
            "MLFLOW_AUTH_ADMIN_PASSWORD": secrets_["admin"],
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_["flask"]}  # signs the auth app's CSRF tokens
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_["flask"],  # signs the auth app's CSRF tokens
+           # No job runner: seven queue consumers for GenAI evaluation jobs, unused by sweeps, that took
+           # memory and CPU from the servers' 2 cores (as in src/ui.py).
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
                "--backend-store-uri", f"{db}/mlflow", "--serve-artifacts",
                "--artifacts-destination", str(state / "artifacts"),
