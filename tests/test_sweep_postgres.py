@@ -79,7 +79,9 @@ def test_workers_started_together_on_a_fresh_database_all_work_and_no_password_i
     assert [w.returncode for w in workers] == [0, 0, 0], "\n-----\n".join(o[-1500:] for o in outputs)
 
     study = optuna.load_study(study_name="tiny", storage=postgres_url)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4, "\n-----\n".join(
+        [str([(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]),
+         *(o[-3000:] for o in outputs)])
     assert sum("best trial" in output for output in outputs) == 1  # one worker published the results
     written = [p for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts]
     assert not [str(p) for p in written if secret.encode() in p.read_bytes()]  # MLflow's db and artifacts, logs
