@@ -56,8 +56,7 @@ def _fail_fast() -> Iterator[None]:
     """Make an unreachable HTTP store fail in seconds rather than after minutes of retries.
 
     Only these two variables are set and put back: `patch.dict` restores by clearing and refilling
-    os.environ, and MLflow's threads of an earlier run (telemetry, metric batches) read it meanwhile
-    (`KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'` in make loadtest)."""
+    os.environ, while the threads of an earlier run (metric batches) may be reading it."""
     settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
