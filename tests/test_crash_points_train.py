@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY_TRAINING
-from tfsweep import tracking
+from tfsweep import tracking_store
 from tfsweep.crashpoints import ENV
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def outcomes(tmp_path_factory, synthetic_data) -> dict:
     """Every scenario, two processes at a time: the uninterrupted references, and for each crash point
     the killed command and the same command run again."""
     root = tmp_path_factory.mktemp("crash-points")
-    tracking.connect(f"sqlite:///{root / 'mlflow.db'}")  # the store's tables, once for all
+    tracking_store.connect(f"sqlite:///{root / 'mlflow.db'}")  # the store's tables, once for all
 
     def scenario(precision: str, point: str | None) -> dict:
         name = f"{precision}-{point or 'reference'}".replace(":", "-")

@@ -16,7 +16,7 @@ from mlflow.entities import LoggedModelStatus
 
 from conftest import N_TEST, N_TRAIN, N_VALIDATION, TINY_TRAINING
 
-from tfsweep import sweep_tracking, tracking
+from tfsweep import logged_model, sweep_tracking, tracking, tracking_store
 from tfsweep.config import CONFIG_DIR
 from tfsweep.data import load_splits
 from tfsweep.errors import NonFiniteLossError, TrackingError
@@ -210,7 +210,7 @@ def test_unreachable_tracking_uri_fails_before_anything_is_written(make_cfg, tmp
 
 def test_a_read_only_store_fails_before_anything_is_written(make_cfg, tmp_path):
     db = tmp_path / "mlflow.db"
-    tracking.connect(f"sqlite:///{db}")  # a store with its tables
+    tracking_store.connect(f"sqlite:///{db}")  # a store with its tables
     read_only = f"sqlite:///file:{db}?mode=ro&uri=true"  # read-only even for root, unlike chmod
     cfg = make_cfg(**{"tracking.uri": f"'{read_only}'"})
     with pytest.raises(TrackingError, match=r"cannot be written \(.*readonly database\); make .*writable"):
@@ -224,11 +224,11 @@ def test_a_password_in_the_tracking_uri_is_recorded_nowhere(make_cfg, tmp_path, 
     cfg = make_cfg(**{"tracking.uri": f"http://user:{secret}@127.0.0.1:9", "tracking.log_model": "false",
                       "trainer.steps": "10"})
     with pytest.raises(TrackingError) as unreachable:
-        tracking.connect(cfg.tracking.uri)
+        tracking_store.connect(cfg.tracking.uri)
     assert secret not in str(unreachable.value) and "user:***@127.0.0.1:9" in str(unreachable.value)
 
     store = f"sqlite:///{tmp_path / 'store.db'}"  # the hook records into a local store instead
-    client = tracking.connect(store)
+    client = tracking_store.connect(store)
     hook = tracking.MlflowHook(cfg, client)
     with caplog.at_level("DEBUG"):
         Trainer(cfg, load_splits(cfg.data), [LoggingHook(), hook]).train()
@@ -259,22 +259,22 @@ class RaceOnce:
 
 
 def test_a_table_creation_race_is_retried_not_reported_as_unreachable(tmp_path, monkeypatch):
-    monkeypatch.setattr(tracking, "MlflowClient", RaceOnce)
-    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
-    tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking_store, "MlflowClient", RaceOnce)
+    monkeypatch.setattr(tracking_store.time, "sleep", lambda seconds: None)
+    tracking_store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert RaceOnce.raised == 2
 
 
 FIRST_USE = """
 import sys
 from mlflow import MlflowClient
-from tfsweep import tracking
+from tfsweep import tracking_store
 from tfsweep.config import CONFIG_DIR
 print("ready", flush=True)
 sys.stdin.readline()  # all processes start together
 try:
     if sys.argv[2] == "ours":
-        tracking.connect(sys.argv[1])
+        tracking_store.connect(sys.argv[1])
     else:  # another program, e.g. `mlflow ui`, creating the store without our lock
         MlflowClient(sys.argv[1]).search_experiments()
     print("ok")
@@ -296,7 +296,7 @@ def test_processes_creating_a_fresh_store_at_once_all_connect(tmp_path):
 
 
 def test_the_parent_run_has_context_tags_and_no_unset_settings(tmp_path):
-    client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = tracking_store.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     study = optuna.create_study(study_name="study", direction="maximize")
     settings = {"sweep.n_trials": 2, "sweep.direction": Direction.maximize, "sweep.pruner.n_startup_trials": None}
     run = client.get_run(sweep_tracking.parent_run(client, "exp", study, settings))
@@ -308,8 +308,8 @@ def test_the_best_model_is_logged_once_registered_once_and_is_the_champion(tmp_p
     import keras
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.connect(uri)
-    run_id = client.create_run(tracking.experiment_id(client, "exp"), run_name="trial-0003").info.run_id
+    client = tracking_store.connect(uri)
+    run_id = client.create_run(tracking_store.experiment_id(client, "exp"), run_name="trial-0003").info.run_id
     client.set_terminated(run_id, "FINISHED")
     finished = client.get_run(run_id).info
     network = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Dense(10)])
@@ -320,9 +320,9 @@ def test_the_best_model_is_logged_once_registered_once_and_is_the_champion(tmp_p
     study.add_trial(optuna.trial.create_trial(params={"x": 1.0}, value=0.9,
                                               distributions={"x": optuna.distributions.FloatDistribution(0, 2)}))
 
-    model_id = tracking.log_model(uri, run_id, trainer)
+    model_id = logged_model.log_model(uri, run_id, trainer)
     registered = [sweep_tracking.register_champion(uri, model_id, "digits", study, 0.95) for _ in range(2)]
-    assert tracking.log_model(uri, run_id, trainer) == model_id  # a second publication adds nothing
+    assert logged_model.log_model(uri, run_id, trainer) == model_id  # a second publication adds nothing
 
     assert registered == ["models:/digits/1"] * 2
     assert [str(v.version) for v in client.search_model_versions("name = 'digits'")] == ["1"]

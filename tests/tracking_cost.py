@@ -19,7 +19,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import TINY_TRAINING, compose_config, make_dataset  # noqa: E402
-from tfsweep import sweep_tracking, tracking  # noqa: E402
+from tfsweep import sweep_tracking, tracking, tracking_store  # noqa: E402
 from tfsweep.data import load_splits  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def one_run(tmp: Path, number: int, splits) -> dict[str, float]:
                           "tracking.log_checkpoints": "false", "tracking.run_name": f"trial-{number:04d}"})
     times = {}
     started = time.perf_counter()
-    client = tracking.connect(cfg.tracking.uri)
+    client = tracking_store.connect(cfg.tracking.uri)
     times["connect"] = time.perf_counter() - started
     trainer = SimpleNamespace(cfg=cfg, splits=splits, model_dir=Path(cfg.trainer.model_dir), stop_reason=None,
                               global_step=None)
@@ -57,8 +57,8 @@ if __name__ == "__main__":
         tmp = Path(folder)
         DATA = make_dataset(tmp / "data")
         splits = load_splits(compose_config({**DATA, "paths.output_dir": str(tmp)}).data)
-        client = tracking.connect(f"sqlite:///{tmp / 'mlflow.db'}")  # the store's tables, made once per store
-        PARENT = client.create_run(tracking.experiment_id(client, "mnist-cnn")).info.run_id
+        client = tracking_store.connect(f"sqlite:///{tmp / 'mlflow.db'}")  # the store's tables, made once per store
+        PARENT = client.create_run(tracking_store.experiment_id(client, "mnist-cnn")).info.run_id
         results = [one_run(tmp, number, splits) for number in range(runs + 1)]
     first, rest = results[0], results[1:]
     print(f"{runs} trial runs after a first one, SQLite, seconds (median, max):")

@@ -196,14 +196,14 @@ STAND_IN = {"train_seconds": 0.005, "checkpoint_size": None}  # set in each work
 def stand_in_train(cfg: DictConfig, hooks=(), parent_run_id: str | None = None,
                    run_tags: dict[str, str] | None = None) -> dict[str, float]:
     """`tfsweep.training.train` without TensorFlow: the same checks, tracking client and hooks."""
-    from tfsweep import tracking
+    from tfsweep import tracking, tracking_store
     from tfsweep.config import validate
     from tfsweep.hooks import LoggingHook
 
     validate(cfg)
     all_hooks = [LoggingHook()]
     if cfg.tracking.enabled:
-        client = tracking.connect(cfg.tracking.uri)
+        client = tracking_store.connect(cfg.tracking.uri)
         all_hooks.append(tracking.MlflowHook(cfg, client, parent_run_id=parent_run_id, tags=run_tags))
     all_hooks.extend(hooks)
     size = STAND_IN["checkpoint_size"] or checkpoint_bytes(cfg)

@@ -164,17 +164,17 @@ def study_lock(sweep: SweepConfig) -> Iterator[None]:
 
 
 # -- the budget ------------------------------------------------------------------------------------
-def counts(trial: FrozenTrial) -> bool:
+def uses_budget(trial: FrozenTrial) -> bool:
     """Whether the trial uses up one of the study's `n_trials`."""
     return outcome(trial) in (Outcome.complete, Outcome.pruned, Outcome.failed, Outcome.running)
 
 
 def counted_trials(study: optuna.Study) -> int:
-    return sum(counts(t) for t in study.get_trials(deepcopy=False))
+    return sum(uses_budget(t) for t in study.get_trials(deepcopy=False))
 
 
 def finished_trials(study: optuna.Study) -> int:
-    return sum(counts(t) and t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    return sum(uses_budget(t) and t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
 def is_finished(study: optuna.Study, n_trials: int) -> bool:

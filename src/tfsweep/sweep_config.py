@@ -83,7 +83,7 @@ class SweepContext:
     parent_run_id: str | None = None
 
     def client(self):
-        from tfsweep.tracking import connect  # imports TensorFlow: only once the checks have passed
+        from tfsweep.tracking_store import connect
 
         return None if self.tracking_uri is None else connect(self.tracking_uri)
 

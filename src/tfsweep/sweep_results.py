@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfsweep import checkpoint_artifacts
 from tfsweep import study as studies
-from tfsweep import sweep_tracking, tracking, training
+from tfsweep import logged_model, sweep_tracking, training
 from tfsweep.config import CONFIG_DIR
 from tfsweep.crashpoints import crashpoint
 from tfsweep.study import Outcome
@@ -81,7 +81,7 @@ def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, cli
         test_accuracy = sweep_tracking.recorded_test_accuracy(client, ctx.parent_run_id, best.number)
     register_as = cfg.tracking.registered_model_name if client is not None else None
     run_id = best.user_attrs.get("mlflow_run_id")
-    model_id = tracking.ready_model(client, run_id) if register_as else None
+    model_id = logged_model.ready_model(client, run_id) if register_as else None
     needs_network = bool(register_as) and model_id is None
     model_dir = Path(trial_cfg.trainer.model_dir)
     if (test_accuracy is None or needs_network) and client is not None:
@@ -95,7 +95,7 @@ def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, cli
     model_uri = None
     if register_as:
         if model_id is None:
-            model_id = tracking.log_model(ctx.tracking_uri, run_id, trainer)
+            model_id = logged_model.log_model(ctx.tracking_uri, run_id, trainer)
         model_uri = sweep_tracking.register_champion(ctx.tracking_uri, model_id, register_as, study, test_accuracy)
     if client is not None:
         counts = {key: result[key] for key in ("n_complete", "n_pruned", "n_failed")}

@@ -22,7 +22,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
 from tfsweep.crashpoints import crashpoint
-from tfsweep.tracking import RUN_ID_FILE, experiment_id
+from tfsweep.tracking import RUN_ID_FILE
+from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """MLflow tracking of one training run: context tags, params, data set inputs, metric curves,
-checkpoints and the final model.
+checkpoints and the final model (`logged_model`), in a store `tracking_store.connect` opened.
 
 The record is exactly once: a `model_dir` has one MLflow run, a metric point is keyed by
 (run, key, step) and a step the run already has is never logged again, the data set is an input of the
@@ -9,34 +9,28 @@ instead of adding to it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
-import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import (Dataset, DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunStatus,
-                             RunTag)
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from omegaconf import DictConfig, OmegaConf
 
+from tfsweep import logged_model
 from tfsweep.checkpoint_artifacts import CheckpointUploader, uploads_while_training
 from tfsweep.crashpoints import crashpoint
 from tfsweep.credentials import redact_url
-from tfsweep.errors import TrackingError, first_line
 from tfsweep.hooks import Hook
+from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -44,111 +38,6 @@ RUN_ID_FILE = "mlflow_run_id"  # in model_dir: resuming the model_dir continues 
 RUN_KEY_FILE = "mlflow_run_key"  # in model_dir, written before the run is created, and tagged on it
 RUN_KEY_TAG = "tfsweep.model_dir_key"
 SPLIT_CONTEXTS = {"train": "train", "validation": "val", "test": "test"}  # as the metrics' prefixes
-# Errors of several processes creating a fresh store's tables at once (MLflow does it on first use):
-# SQLite and PostgreSQL wording, and MLflow's own schema check meeting a half-migrated database.
-CREATION_RACE = ("already exists", "duplicate key", "unique constraint failed", "database is locked",
-                 "out-of-date database schema", "no such table")
-CREATION_ATTEMPTS = 8
-
-
-@contextmanager
-def _fail_fast() -> Iterator[None]:
-    """Make an unreachable HTTP store fail in seconds rather than after minutes of retries.
-
-    Only these two variables are set and put back: `patch.dict` restores by clearing and refilling
-    os.environ, while the threads of an earlier run (metric batches) may be reading it."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextmanager
-def _creating_sqlite_store(uri: str) -> Iterator[None]:
-    """Serialize first use of a SQLite store among this project's processes: MLflow creates its tables
-    then (a store created by another program, such as `mlflow ui`, is covered by the retry in `connect`)."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    lock_path = Path(uri.removeprefix("sqlite:///")).expanduser().with_suffix(".lock")
-    if not lock_path.parent.is_dir():
-        yield  # MLflow reports the missing folder in its own words
-        return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def connect(uri: str) -> MlflowClient:
-    """A client for `uri`, checked to answer and to accept writes; raise TrackingError naming it otherwise.
-
-    Several processes meeting a fresh database collide while MLflow creates its tables; that race is
-    retried (the tables exist a moment later), never reported as an unreachable store.
-    """
-    shown = redact_url(uri)
-    for attempt in itertools.count(1):
-        problem = "cannot be reached"
-        try:
-            with _fail_fast(), _creating_sqlite_store(uri):
-                client = MlflowClient(tracking_uri=uri)
-                client.search_experiments(max_results=1)
-                problem = "cannot be written"
-                _probe_write(uri)
-            return client
-        except Exception as exc:  # MLflow raises many types here (MlflowException, OSError, SQLAlchemy errors)
-            if _is_creation_race(exc) and attempt < CREATION_ATTEMPTS:
-                log.info("tracking store %s is being created by another process; retrying", shown)
-                time.sleep(0.25 * 2 ** attempt)  # backoff while the other process finishes its tables
-                continue
-            reason = first_line(exc).replace(uri, shown)
-            if problem == "cannot be written":
-                target = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else "the database"
-                fix = f"make {target} writable, or set tracking.uri to a store you can write"
-            else:
-                fix = "start the MLflow server, fix the URI, or unset MLFLOW_TRACKING_URI to use ./mlflow.db"
-            raise TrackingError(f"tracking.uri={shown!r} {problem} ({reason}); {fix}") from exc
-
-
-def _is_creation_race(exc: BaseException | None) -> bool:
-    while exc is not None:
-        if any(sign in str(exc).lower() for sign in CREATION_RACE):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _probe_write(uri: str) -> None:
-    """Raise now, before a run exists, if a database store only reads (a read-only mlflow.db)."""
-    from sqlalchemy import create_engine
-
-    if uri.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql", "mssql"):
-        return  # an HTTP server or a file store reports its own errors
-    engine = create_engine(uri)
-    try:
-        with engine.connect() as connection, connection.begin() as transaction:
-            connection.exec_driver_sql("DELETE FROM experiments WHERE 1 = 0")  # needs write access, changes nothing
-            transaction.rollback()
-    finally:
-        engine.dispose()
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except mlflow.exceptions.MlflowException:
-        if (experiment := client.get_experiment_by_name(name)) is None:
-            raise
-        return experiment.experiment_id  # workers started together: another one created it first
 
 
 def redacted_config(cfg: DictConfig) -> DictConfig:
@@ -336,7 +225,7 @@ class MlflowHook(Hook):
             if self.cfg.tracking.log_checkpoints:
                 self._checkpoints.finish(trainer.model_dir, trainer.manager.checkpoints)
             if self.cfg.tracking.log_model:
-                log_model(self.cfg.tracking.uri, self.run_id, trainer)
+                logged_model.log_model(self.cfg.tracking.uri, self.run_id, trainer)
             if trainer.stop_reason:
                 self.client.set_tag(self.run_id, "stopped_early", trainer.stop_reason)
             crashpoint("tracking.before_terminated")
@@ -352,61 +241,3 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
-
-
-def model_name(run_name: str) -> str:
-    """A LoggedModel's name after its run's, with the characters MLflow refuses in model names replaced."""
-    return "".join("-" if char in '/:.%"\'' else char for char in run_name) or "model"
-
-
-def ready_model(client: MlflowClient, run_id: str) -> str | None:
-    """The id of the run's finished model, if it has one."""
-    experiment = client.get_run(run_id).info.experiment_id
-    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
-    return next((model.model_id for model in models if model.status == LoggedModelStatus.READY), None)
-
-
-def log_model(uri: str, run_id: str, trainer) -> str:
-    """Log the trained network as an MLflow LoggedModel (pyfunc: 28x28 images in, digit classes out),
-    named after the run and linked to its current step and that step's metrics; return its id.
-
-    Once per run: a run that has a model keeps it, and a model left unfinished by a killed process is
-    replaced. A run that had already ended keeps its status and end time.
-    """
-    from keras import __version__ as keras_version
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-    from tensorflow import __version__ as tf_version
-
-    client = MlflowClient(uri)
-    run = client.get_run(run_id)
-    if (model_id := ready_model(client, run_id)) is not None:
-        log.info("MLflow run %s already has its model %s", run_id, model_id)
-        return model_id
-    for model in client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"):
-        client.delete_logged_model(model.model_id)
-    name, step = model_name(run.info.run_name), int(trainer.global_step.numpy())
-    # Outputs only: predict checks its input itself, so that uint8 and float images, [n, 28, 28],
-    # [n, 28, 28, 1] and [n, 784] are all accepted (an input schema would fix one dtype and shape).
-    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int32), (-1,), "digit")]))
-    with tempfile.TemporaryDirectory() as tmp:
-        network_path = Path(tmp) / "network.keras"
-        trainer.network.save(network_path)
-        mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            pending = mlflow.initialize_logged_model(name=name, source_run_id=run_id, params=run.data.params)
-            crashpoint("tracking.during_model_upload")
-            mlflow.pyfunc.log_model(
-                name=name,
-                model_id=pending.model_id,
-                python_model=str(Path(__file__).with_name("serving.py")),
-                artifacts={"network": str(network_path)},
-                signature=signature,
-                input_example=trainer.splits.test_images[:3],  # raw uint8 pixels, as the IDX files hold them
-                step=step,  # MLflow links the model to this step's metrics
-                pip_requirements=[f"tensorflow-cpu=={tf_version}", f"keras=={keras_version}",
-                                  f"mlflow=={mlflow.__version__}"],
-            )
-    if run.info.status in ("FINISHED", "FAILED", "KILLED"):
-        client.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
-    return pending.model_id

@@ -55,7 +55,7 @@ def train(cfg: DictConfig, hooks: list[Hook] = (), parent_run_id: str | None = N
         return finished
     client = None
     if cfg.tracking.enabled:
-        from tfsweep.tracking import connect
+        from tfsweep.tracking_store import connect
 
         client = connect(cfg.tracking.uri)
     splits = cached_splits(cfg.data)

@@ -130,17 +130,16 @@ def measure_trials() -> Iterator[PhaseClock]:
     the sweep drives them from.
     """
     import keras
-    import mlflow
     import optuna
     import tensorflow as tf
     from mlflow import MlflowClient
     from mlflow.utils.async_logging.run_operations import RunOperations
 
-    from tfsweep import tracking
+    from tfsweep import logged_model
     from tfsweep.trainer import Trainer
 
     clock = PhaseClock()
-    uploads = [(MlflowClient, "log_artifacts"), (MlflowClient, "log_artifact"), (tracking, "log_model")]
+    uploads = [(MlflowClient, "log_artifacts"), (MlflowClient, "log_artifact"), (logged_model, "log_model")]
     mlflow_calls = [(MlflowClient, name) for name, value in vars(MlflowClient).items()
                     if inspect.isfunction(value) and (name == "__init__" or not name.startswith("_"))
                     and (MlflowClient, name) not in uploads]
