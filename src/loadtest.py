@@ -10,8 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
-from tfsweep import loadtest
 from tfsweep.errors import UserError
+from tfsweep.loadtest import run_load_test
+from tfsweep.loadtest.report import RESULTS_DIR, capacity_lines
 
 
 def main() -> None:
@@ -26,22 +27,22 @@ def main() -> None:
                         "(default: this machine's)")
     parser.add_argument("--train-ms", type=float, default=5, help="the stand-in's training time per trial")
     parser.add_argument("--lock-file", help="take this file lock around each worker count (a shared machine)")
-    parser.add_argument("--results-dir", type=Path, default=loadtest.RESULTS_DIR, help="where the JSON goes")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     parser.add_argument("--keep-artifacts", action="store_true", help="keep the uploaded checkpoint files")
     parser.add_argument("overrides", nargs="*", help="sweep config overrides, e.g. trainer.steps=2000")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = loadtest.run_load_test(args.workers, args.trials_per_worker, args.stack_dir, mlflow_port=args.mlflow_port,
-                                        trial_seconds=args.trial_seconds, train_seconds=args.train_ms / 1000,
-                                        lock_file=args.lock_file, server_cores=args.server_cores,
-                                        extra_overrides=args.overrides, keep_artifacts=args.keep_artifacts,
-                                        results_dir=args.results_dir)
+        result = run_load_test(args.workers, args.trials_per_worker, args.stack_dir, mlflow_port=args.mlflow_port,
+                               trial_seconds=args.trial_seconds, train_seconds=args.train_ms / 1000,
+                               lock_file=args.lock_file, server_cores=args.server_cores,
+                               extra_overrides=args.overrides, keep_artifacts=args.keep_artifacts,
+                               results_dir=args.results_dir)
     except UserError as exc:
         logging.error("%s", exc)
         sys.exit(1)
     print(result["table"])
-    for line in loadtest.capacity_lines(result):
+    for line in capacity_lines(result):
         print(line)
     print(f"saved {result['path']}")
     failures = sum(level["errors"] + level["duplicated"] + level["lost"] for level in result["levels"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 from omegaconf import DictConfig
@@ -25,6 +26,7 @@ class Trainer(Protocol):
     splits: Any
     network: Any  # keras.Model
     manager: Any  # tf.train.CheckpointManager of model_dir
+    hooks: list[Hook]
 
     @property
     def stop_reason(self) -> str | None: ...
@@ -51,6 +53,23 @@ class Hook:
 
     def end(self, trainer: Trainer, error: BaseException | None) -> None:
         """Always called; `error` is the exception that ended training, or None."""
+
+
+@contextmanager
+def running(trainer: Trainer) -> Iterator[None]:
+    """Around a training loop: every hook's `begin`, then, however the loop ends, every hook's `end`.
+    Here, not in `tfsweep.trainer` (which imports TensorFlow), so the load test's stand-in shares it."""
+    error: BaseException | None = None
+    for hook in trainer.hooks:
+        hook.begin(trainer)
+    try:
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        for hook in trainer.hooks:
+            hook.end(trainer, error)
 
 
 class LoggingHook(Hook):

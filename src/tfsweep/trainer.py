@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tfsweep.crashpoints import crashpoint
 from tfsweep.data import Splits
 from tfsweep.errors import ConfigError, NonFiniteLossError, UserError, first_line
-from tfsweep.hooks import Hook
+from tfsweep.hooks import Hook, running
 from tfsweep.inputs import eval_input_fn, train_input_fn
 from tfsweep.model import Mode, build_network, model_fn, usable_precision
 
@@ -181,10 +181,7 @@ class Trainer:
         """Train to `steps`, evaluating and checkpointing on the way; return the last metrics."""
         t = self.cfg.trainer
         metrics: dict[str, float] = {}
-        error: BaseException | None = None
-        for hook in self.hooks:
-            hook.begin(self)
-        try:
+        with running(self):
             step = self.start_step
             iterator = iter(train_input_fn(self.splits.train_images, self.splits.train_labels,
                                            self.cfg.data.batch_size, t.seed, self.cfg.data.shuffle_buffer,
@@ -219,12 +216,6 @@ class Trainer:
                 if t.evaluate_test:
                     metrics.update(self.evaluate("test"))
             return metrics
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            for hook in self.hooks:
-                hook.end(self, error)
 
 
 def check_batch_size(cfg: DictConfig, splits: Splits) -> None:
