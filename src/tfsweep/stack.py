@@ -23,7 +23,10 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dotenv import dotenv_values
+
 from tfsweep.errors import UserError
+from tfsweep.processes import process_alive, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +69,7 @@ class Stack:
 
     def worker_env(self) -> dict[str, str]:
         """The environment a sweep worker needs: tracking server, its credentials, the password file."""
-        env = {"MLFLOW_TRACKING_URI": self.tracking_uri, "PGPASSFILE": str(self.pgpass)}
-        for line in self.worker_env_file.read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            if key.startswith("MLFLOW_TRACKING_"):
-                env[key] = value
-        return env
+        return dict(dotenv_values(self.worker_env_file, interpolate=False))
 
 
 def _pg_bin() -> Path:
@@ -97,21 +95,13 @@ def _as_postgres(*command: str, stdin: str | None = None) -> subprocess.Complete
     return result
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Create `path` readable by its owner only, before any secret is written into it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-
-
-def _pid_alive(pid_file: Path) -> bool:
+def _running_pid(pid_file: Path) -> int | None:
+    """The process id `pid_file` records, while that process lives."""
     try:
-        os.kill(int(pid_file.read_text().split()[0]), 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+        pid = int(pid_file.read_text().split()[0])
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if process_alive(pid) else None
 
 
 def secrets_of(running: Stack) -> dict[str, str]:
@@ -154,7 +144,7 @@ def _start_postgres(stack: Stack, secrets_: dict[str, str]) -> None:
 def _start_mlflow(stack: Stack, secrets_: dict[str, str]) -> None:
     state = Path(stack.state_dir)
     pid_file = state / "mlflow.pid"
-    if _pid_alive(pid_file):
+    if _running_pid(pid_file):
         return
     db = f"postgresql://{DB_USER}@{stack.host}:{stack.pg_port}"
     (state / "basic_auth.ini").write_text(
@@ -216,14 +206,14 @@ def up(state_dir: Path, host: str = "127.0.0.1", mlflow_port: int = 5001) -> Sta
         stack = load(state_dir)
     else:
         secrets_ = {name: secrets.token_urlsafe(24) for name in ("postgres", "admin", "worker", "flask")}
-        _write_private(secrets_file, json.dumps(secrets_))
+        write_atomically(secrets_file, json.dumps(secrets_), mode=0o600)
         stack = Stack(str(state_dir), host, free_port(host), mlflow_port)
         (state_dir / "stack.json").write_text(json.dumps(asdict(stack)))
-    _write_private(stack.pgpass, f"{host}:{stack.pg_port}:*:{DB_USER}:{secrets_['postgres']}\n")
-    _write_private(stack.worker_env_file, f"export MLFLOW_TRACKING_URI={stack.tracking_uri}\n"
-                   f"export MLFLOW_TRACKING_USERNAME={WORKER_USER}\n"
-                   f"export MLFLOW_TRACKING_PASSWORD={secrets_['worker']}\n"
-                   f"export PGPASSFILE={stack.pgpass}\n")
+    write_atomically(stack.pgpass, f"{host}:{stack.pg_port}:*:{DB_USER}:{secrets_['postgres']}\n", mode=0o600)
+    write_atomically(stack.worker_env_file, f"export MLFLOW_TRACKING_URI={stack.tracking_uri}\n"
+                     f"export MLFLOW_TRACKING_USERNAME={WORKER_USER}\n"
+                     f"export MLFLOW_TRACKING_PASSWORD={secrets_['worker']}\n"
+                     f"export PGPASSFILE={stack.pgpass}\n", mode=0o600)
     _start_postgres(stack, secrets_)
     _start_mlflow(stack, secrets_)
     _ensure_worker_user(stack, secrets_)
@@ -234,8 +224,7 @@ def down(state_dir: Path, purge: bool = False) -> None:
     """Stop the MLflow server and PostgreSQL; with `purge`, delete the databases, artifacts and secrets."""
     state_dir = state_dir.resolve()
     pid_file = state_dir / "mlflow.pid"
-    if _pid_alive(pid_file):
-        pid = int(pid_file.read_text())
+    if (pid := _running_pid(pid_file)) is not None:
         os.killpg(pid, signal.SIGTERM)
         for _ in range(100):
             try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
+import functools
 import logging
 import os
 import socket
@@ -34,6 +34,7 @@ from tfsweep.credentials import redact_url
 from tfsweep.crashpoints import crashpoint
 from tfsweep.errors import ConfigError, UserError, first_line
 from tfsweep.journal import check_journal
+from tfsweep.processes import file_lock, process_alive
 from tfsweep.sweep_config import SweepConfig, build
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,9 @@ def outcome(trial: FrozenTrial) -> Outcome:
             TrialState.RUNNING: Outcome.running, TrialState.WAITING: Outcome.waiting}[trial.state]
 
 
-@contextlib.contextmanager
-def experimental_ok() -> Iterator[None]:
+def experimental_ok() -> warnings.catch_warnings:
     """Optuna's heartbeat and retry API is marked experimental; we depend on it knowingly."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
+    return warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 # -- storage ---------------------------------------------------------------------------------------
@@ -126,7 +124,9 @@ def use_sampler(study: optuna.Study, sweep: SweepConfig, position: int) -> None:
     study.sampler = build("sampler", sweep.sampler, seed=seed)
 
 
-_engines: dict[str, sqlalchemy.Engine] = {}
+@functools.cache
+def _lock_engine(url: str) -> sqlalchemy.Engine:
+    return sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
 
 
 @contextlib.contextmanager
@@ -137,12 +137,8 @@ def study_lock(sweep: SweepConfig) -> Iterator[None]:
     machines; both are released by the operating system or the server when their process dies.
     """
     if sweep.storage.startswith("postgresql"):
-        engine = _engines.get(sweep.storage)
-        if engine is None:
-            engine = _engines[sweep.storage] = sqlalchemy.create_engine(
-                sweep.storage, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
         key = {"key": f"tfsweep:{sweep.study_name}"}
-        with engine.connect() as connection:
+        with _lock_engine(sweep.storage).connect() as connection:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:key))"), key)
             try:
                 yield
@@ -158,8 +154,7 @@ def study_lock(sweep: SweepConfig) -> Iterator[None]:
     else:
         lock_path = Path(sweep.storage).expanduser().with_name(Path(sweep.storage).name + ".study.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path):
         yield
 
 
@@ -214,22 +209,12 @@ def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     trial.set_user_attr(CLAIM_ATTR, trial.number)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _orphaned(trial: FrozenTrial) -> bool:
     """A running trial that no live worker owns (call under `study_lock`)."""
     if trial.user_attrs.get(CLAIM_ATTR) != trial.number:
         return True  # its creator died before recording itself: it would still hold the lock otherwise
     host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))
 
 
 def recover(study: optuna.Study, sweep: SweepConfig) -> None:

@@ -6,7 +6,6 @@ so an unreachable or read-only store fails the same way, in one sentence, before
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import logging
 import os
@@ -20,6 +19,7 @@ from mlflow import MlflowClient
 
 from tfsweep.credentials import redact_url
 from tfsweep.errors import TrackingError, first_line
+from tfsweep.processes import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def _creating_sqlite_store(uri: str) -> Iterator[None]:
     if not lock_path.parent.is_dir():
         yield  # MLflow reports the missing folder in its own words
         return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path):
         yield
 
 

@@ -10,19 +10,19 @@ and lost trials (`audit`); `report` makes the table and the capacity estimate. H
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tfsweep.loadtest.level import EXPERIMENT, run_level, sweep_overrides
 from tfsweep.loadtest.report import RESULTS_DIR, default_trial_seconds, estimate_capacity, machine, table
 from tfsweep.loadtest.server_cpu import server_pids
+from tfsweep.processes import file_lock, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def run_load_test(worker_counts: list[int], trials_per_worker: int, stack_dir: P
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     levels = []
     for n_workers in worker_counts:
-        with _taking_turns(lock_file), tempfile.TemporaryDirectory(prefix="tfsweep-loadtest-") as tmp:
+        # With a lock file, one heavy job at a time on a shared machine.
+        with file_lock(lock_file) if lock_file else nullcontext(), tempfile.TemporaryDirectory(prefix="tfsweep-loadtest-") as tmp:
             study_name = f"loadtest-{stamp}-{n_workers}w"
             overrides = sweep_overrides(n_workers, n_workers * trials_per_worker, running.storage_url(),
                                         running.tracking_uri, Path(tmp), study_name, list(extra_overrides))
@@ -60,20 +61,10 @@ def run_load_test(worker_counts: list[int], trials_per_worker: int, stack_dir: P
     if seconds:
         result["capacity"] = estimate_capacity(levels, seconds, server_cores or os.cpu_count())
     if results_dir is not None:
-        results_dir.mkdir(parents=True, exist_ok=True)
         path = results_dir / f"{result['machine']['date'][:16].replace(':', '')}-loadtest.json"
-        path.write_text(json.dumps(result, indent=2))
+        write_atomically(path, json.dumps(result, indent=2))
         result["path"] = str(path)
     return result
-
-
-@contextmanager
-def _taking_turns(lock_file: str | None) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_file` (if any): one heavy job at a time on a shared machine."""
-    with open(lock_file, "a") if lock_file else nullcontext() as lock:
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def remove_checkpoint_artifacts(artifacts_root: Path, study_name: str) -> int:
