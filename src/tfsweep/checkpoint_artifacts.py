@@ -54,17 +54,16 @@ class CheckpointUploader:
     """
 
     def __init__(self, client: MlflowClient, run_id: str, while_training: bool) -> None:
-        self.client, self.run_id, self.while_training = client, run_id, while_training
+        self.client, self.run_id = client, run_id
         self._uploaded: set[str] = set()  # file names already in the artifacts
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+                          if while_training else None)
         self._pending: Future | None = None
 
     def saved(self, model_dir: Path, path: str) -> None:
-        if not self.while_training:
+        if self._executor is None:
             return
         self.wait()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending = self._executor.submit(self._upload, Path(model_dir), [path])
 
     def wait(self) -> None:
@@ -81,7 +80,6 @@ class CheckpointUploader:
 
     def finish(self, model_dir: Path, kept: list[str]) -> None:
         """Upload the kept checkpoints the artifacts lack, then the index; raise if that fails."""
-        self.wait()
         self.close()
         self._upload(Path(model_dir), kept)
 

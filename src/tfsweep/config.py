@@ -202,7 +202,7 @@ def compose_config(config_name: str = "train", overrides: list[str] | tuple[str,
         return compose(config_name, overrides=list(overrides))
 
 
-def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+def require(ok: bool, key: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
 
@@ -228,10 +228,7 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
 def feature_map_size(model: DictConfig, image_size: int) -> int:
     """Height (= width) of the last pooling block's output: "same" convolutions keep the size, each
     `pool_size` pooling with stride `pool_size` and "valid" padding floors it divided by `pool_size`."""
-    size = image_size
-    for _ in model.filters:
-        size //= model.pool_size
-    return size
+    return image_size // model.pool_size ** len(model.filters)  # flooring at each step floors the whole
 
 
 def validate(cfg: DictConfig) -> None:
@@ -242,39 +239,39 @@ def validate(cfg: DictConfig) -> None:
     m, o, d, t = cfg.model, cfg.optimizer, cfg.data, cfg.trainer
     for group in ("model", "optimizer", "schedule"):
         for key, value in cfg[group].items():
-            _require(not isinstance(value, float) or math.isfinite(value), f"{group}.{key}", value,
+            require(not isinstance(value, float) or math.isfinite(value), f"{group}.{key}", value,
                      "give a finite number")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "it must be in [0, 1)")
-    _require(len(m.filters) >= 1 and all(f > 0 for f in m.filters), "model.filters", list(m.filters),
+    require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "it must be in [0, 1)")
+    require(len(m.filters) >= 1 and all(f > 0 for f in m.filters), "model.filters", list(m.filters),
              "give one or more positive filter counts")
     for key in ("kernel_size", "pool_size", "dense_units", "num_classes"):
-        _require(m[key] > 0, f"model.{key}", m[key], "it must be a positive integer")
+        require(m[key] > 0, f"model.{key}", m[key], "it must be a positive integer")
     if feature_map_size(m, IMAGE_SIZE) < 1:
         raise ConfigError(f"model.filters={list(m.filters)} with model.pool_size={m.pool_size} shrinks the "
                           f"{IMAGE_SIZE}x{IMAGE_SIZE} images to nothing: use fewer conv blocks or a smaller "
                           "pool_size")
-    _require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "it must be positive")
+    require(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "it must be positive")
     for key in ("batch_size", "eval_batch_size", "shuffle_buffer"):
-        _require(d[key] > 0, f"data.{key}", d[key], "it must be a positive integer")
-    _require(d.validation_size > 0, "data.validation_size", d.validation_size,
+        require(d[key] > 0, f"data.{key}", d[key], "it must be a positive integer")
+    require(d.validation_size > 0, "data.validation_size", d.validation_size,
              "hold out at least one training image; validation metrics and sweeps are computed on them")
     for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        _require(t[key] > 0, f"trainer.{key}", t[key], "it must be a positive integer")
+        require(t[key] > 0, f"trainer.{key}", t[key], "it must be a positive integer")
     validate_schedule(cfg)
 
 
 def validate_schedule(cfg: DictConfig) -> None:
     s = cfg.schedule
-    _require(s.initial_learning_rate >= 0, "schedule.initial_learning_rate", s.initial_learning_rate,
+    require(s.initial_learning_rate >= 0, "schedule.initial_learning_rate", s.initial_learning_rate,
              "it must be zero or more")
     if "decay_rate" in s:
-        _require(0 < s.decay_rate <= 1, "schedule.decay_rate", s.decay_rate,
+        require(0 < s.decay_rate <= 1, "schedule.decay_rate", s.decay_rate,
                  "it must be in (0, 1]: the fraction of the learning rate left at trainer.steps")
     if "warmup_steps" in s:
-        _require(0 <= s.warmup_steps < cfg.trainer.steps, "schedule.warmup_steps", s.warmup_steps,
+        require(0 <= s.warmup_steps < cfg.trainer.steps, "schedule.warmup_steps", s.warmup_steps,
                  f"it must be in [0, trainer.steps={cfg.trainer.steps})")
-        _require(0 <= s.alpha <= 1, "schedule.alpha", s.alpha, "it must be in [0, 1]: a fraction of the peak")
-    _require(s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "it must be a positive integer")
+        require(0 <= s.alpha <= 1, "schedule.alpha", s.alpha, "it must be in [0, 1]: a fraction of the peak")
+    require(s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "it must be a positive integer")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import errno
 import gzip
 import hashlib
 import logging
-import os
 import struct
 import subprocess
 import tarfile
@@ -24,11 +23,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from tfsweep.errors import DataError
+from tfsweep.processes import write_atomically
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 28  # MNIST and Fashion-MNIST images are 28x28; `load_splits` refuses other files
 SPLIT_FILES = ("train_images", "train_labels", "test_images", "test_labels")
+METRIC_PREFIXES = {"train": "train", "validation": "val", "test": "test"}  # val/accuracy; MLflow dataset contexts
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 DOWNLOAD_TIMEOUT_S = 20
 
@@ -63,15 +64,6 @@ def _decompressed(payload: bytes) -> bytes:
 
 def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
-
-
-def _store(payload: bytes, target: Path) -> None:
-    """Write atomically: a crash leaves either the old file or the complete new one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
-        tmp.write(payload)
-    os.chmod(tmp.name, 0o644)  # a cache anyone on the machine may read, like a download would be
-    os.replace(tmp.name, target)
 
 
 def _from_mirrors(mirrors: list[str], name: str) -> bytes | None:
@@ -122,6 +114,16 @@ def _verified(payload: bytes | None, name: str, sha256: str, source: str) -> byt
     return payload
 
 
+def _copy_verified(source: Path, f: DictConfig, target: Path) -> bool:
+    """Store `source` (raw or gzip) as `target` if it exists and its decompressed bytes pass the checksum."""
+    if not source.exists():
+        return False
+    payload = _verified(_decompressed(source.read_bytes()), f.name, f.sha256, str(source))
+    if payload is not None:
+        write_atomically(target, payload)
+    return payload is not None
+
+
 def check_root(cfg: DictConfig) -> None:
     """Refuse a `data.root` that is a file, or that cannot take the files still missing from it.
 
@@ -156,11 +158,8 @@ def ensure_files(cfg: DictConfig) -> dict[str, Path]:
                 continue
             log.warning("%s failed its checksum (truncated or corrupt); fetching it again", target)
             target.unlink()
-        gz = target.with_name(f.name + ".gz")  # a gzip file the user put there by hand
-        if gz.exists() and (payload := _verified(_decompressed(gz.read_bytes()), f.name, f.sha256, str(gz))):
-            _store(payload, target)
-            continue
-        missing.append(split)
+        if not _copy_verified(target.with_name(f.name + ".gz"), f, target):  # a gzip file put there by hand
+            missing.append(split)
     if not missing:
         return paths
 
@@ -170,7 +169,7 @@ def ensure_files(cfg: DictConfig) -> dict[str, Path]:
         payload = _verified(_from_mirrors(list(cfg.mirrors), f.name), f.name, f.sha256, "the mirrors")
         if payload is None:
             break  # the mirrors are out of reach; don't try each remaining file against them
-        _store(payload, paths[split])
+        write_atomically(paths[split], payload)
         missing.remove(split)
 
     if missing:
@@ -178,15 +177,8 @@ def ensure_files(cfg: DictConfig) -> dict[str, Path]:
             folder = _fallback_dir(cfg.fallback, Path(workdir))
             for split in list(missing):
                 f = files[split]
-                candidates = [folder / f.name, folder / (f.name + ".gz")] if folder else []
-                for candidate in candidates:
-                    if candidate.exists():
-                        payload = _verified(_decompressed(candidate.read_bytes()), f.name, f.sha256,
-                                            str(candidate))
-                        if payload is not None:
-                            _store(payload, paths[split])
-                            missing.remove(split)
-                            break
+                if folder and any(_copy_verified(folder / name, f, paths[split]) for name in (f.name, f.name + ".gz")):
+                    missing.remove(split)
     if missing:
         names = ", ".join(files[s].name for s in missing)
         raise DataError(f"could not fetch {names} for data={cfg.name}: the mirrors and the fallback "

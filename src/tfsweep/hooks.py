@@ -27,9 +27,7 @@ class Trainer(Protocol):
     network: Any  # keras.Model
     manager: Any  # tf.train.CheckpointManager of model_dir
     hooks: list[Hook]
-
-    @property
-    def stop_reason(self) -> str | None: ...
+    stop_reason: str | None
 
     def request_stop(self, reason: str) -> None: ...
 
@@ -72,6 +70,14 @@ def running(trainer: Trainer) -> Iterator[None]:
             hook.end(trainer, error)
 
 
+def chunk_ends(start_step: int, trainer_cfg: DictConfig) -> list[int]:
+    """The global steps after `start_step` where a training chunk ends: each log, evaluation and checkpoint
+    point, and the last; here, so that the load test's stand-in (without TensorFlow) stops at the same steps."""
+    t = trainer_cfg
+    ends = {s for every in (t.log_every, t.eval_every, t.checkpoint_every) for s in range(every, t.steps, every)}
+    return sorted(s for s in ends | {t.steps} if s > start_step)
+
+
 class LoggingHook(Hook):
     """The tutorial's `loss = ..., step = ...` and `global_step/sec` lines."""
 
@@ -95,21 +101,16 @@ class ProbabilitiesHook(Hook):
 class ProgressBarHook(Hook):
     """A progress bar over global steps, on a terminal only (logs stay clean in files and CI)."""
 
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
-
     def begin(self, trainer):
         self.bar = tqdm(total=trainer.steps, initial=trainer.start_step, unit="step", dynamic_ncols=True,
                         disable=not sys.stderr.isatty(), leave=False)
 
     def after_log(self, trainer, step, logs):
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
 
     def end(self, trainer, error):
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 class TrainingTimer(Hook):
@@ -133,11 +134,10 @@ class TrainingTimer(Hook):
         self.marks.append((step, now))
         self._mark = now
 
-    def after_eval(self, trainer, step, split, metrics):
+    def after_eval(self, trainer, *args):
         self._mark = time.perf_counter()
 
-    def after_checkpoint(self, trainer, step, path):
-        self._mark = time.perf_counter()
+    after_checkpoint = after_eval
 
     @property
     def steps_per_sec(self) -> float:

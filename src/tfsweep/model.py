@@ -5,12 +5,12 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from tfsweep.bench.machine import read_cpuinfo
 from tfsweep.data import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,8 @@ def usable_precision(precision: str, cpuinfo: str | None = None) -> str:
     """
     if precision != "mixed_bfloat16":
         return precision
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.exists() else ""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
-    if flags is None or BFLOAT16_FLAGS & set(flags):
+    flags = read_cpuinfo(cpuinfo)["flags"]
+    if not flags or BFLOAT16_FLAGS & flags:
         return precision  # not x86 (no flags line to judge by), or bfloat16 in hardware
     log.warning("trainer.precision=mixed_bfloat16 but this CPU has no bfloat16 instructions (%s): training "
                 "in float32, which is many times faster here", " or ".join(sorted(BFLOAT16_FLAGS)))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -25,11 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tfsweep.crashpoints import crashpoint
-from tfsweep.data import Splits
+from tfsweep.data import METRIC_PREFIXES, Splits
 from tfsweep.errors import ConfigError, NonFiniteLossError, UserError, first_line
-from tfsweep.hooks import Hook, running
+from tfsweep.hooks import Hook, chunk_ends, running
 from tfsweep.inputs import eval_input_fn, train_input_fn
 from tfsweep.model import Mode, build_network, model_fn, usable_precision
+from tfsweep.processes import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Trainer:
         self._keep_probabilities = bool(cfg.trainer.log_probabilities)
         self._probabilities = tf.Variable(tf.zeros([0, cfg.model.num_classes]), trainable=False,
                                           shape=tf.TensorShape([None, cfg.model.num_classes]))
-        self._stop_reason: str | None = None
+        self.stop_reason: str | None = None  # set by `request_stop`
         self.start_step = self._restore()
 
     # -- model_dir ---------------------------------------------------------------------------------
@@ -143,18 +143,14 @@ class Trainer:
     # -- public API --------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
         """Stop after the current chunk, like a hook's `run_context.request_stop()`."""
-        self._stop_reason = reason
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self._stop_reason
+        self.stop_reason = reason
 
     def last_probabilities(self) -> np.ndarray:
         return self._probabilities.numpy()
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Mean loss and accuracy over a whole split (`validation` or `test`), dropout off."""
-        prefix = {"validation": "val", "test": "test"}[split]
+        prefix = METRIC_PREFIXES[split]
         images, labels = getattr(self.splits, f"{split}_images"), getattr(self.splits, f"{split}_labels")
         for metric in (self.eval_loss, self.eval_accuracy):
             metric.reset_state()
@@ -187,11 +183,11 @@ class Trainer:
                                            self.cfg.data.batch_size, t.seed, self.cfg.data.shuffle_buffer,
                                            start_step=step))
             tick, tick_step = time.perf_counter(), step
-            while step < self.steps and self._stop_reason is None:
-                next_boundary = min(self.steps, _next_multiple(step, t.log_every),
-                                    _next_multiple(step, t.eval_every), _next_multiple(step, t.checkpoint_every))
-                self._train_chunk(iterator, tf.constant(next_boundary - step, tf.int64))
-                step = next_boundary
+            for chunk_end in chunk_ends(step, t):
+                if self.stop_reason is not None:
+                    break
+                self._train_chunk(iterator, tf.constant(chunk_end - step, tf.int64))
+                step = chunk_end
                 # Every chunk, not only at log points: no evaluation or checkpoint of a diverged network.
                 loss = float(self.train_loss.result())
                 if not np.isfinite(loss):
@@ -208,8 +204,8 @@ class Trainer:
                     metrics.update(self.evaluate("validation"))
                 if step % t.checkpoint_every == 0 or at_end:
                     self.save()
-            if self._stop_reason is not None:
-                log.info("stopped at step %d: %s", step, self._stop_reason)
+            if self.stop_reason is not None:
+                log.info("stopped at step %d: %s", step, self.stop_reason)
             else:
                 if "val/accuracy" not in metrics:  # resumed a run whose last checkpoint is at `steps`
                     metrics.update(self.evaluate("validation"))
@@ -246,11 +242,5 @@ def finished_metrics(cfg: DictConfig) -> dict[str, float] | None:
 
 def record_finished(cfg: DictConfig, metrics: dict[str, float]) -> None:
     """Record, atomically and last of all, that the run in `trainer.model_dir` finished with `metrics`."""
-    path = Path(cfg.trainer.model_dir) / FINISHED_FILE
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"settings": _settings(cfg), "metrics": metrics}, indent=1))
-    os.replace(temporary, path)
-
-
-def _next_multiple(step: int, every: int) -> int:
-    return (step // every + 1) * every
+    write_atomically(Path(cfg.trainer.model_dir) / FINISHED_FILE,
+                     json.dumps({"settings": _settings(cfg), "metrics": metrics}, indent=1))

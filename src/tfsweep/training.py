@@ -88,5 +88,4 @@ def restore_checkpoint(cfg: DictConfig) -> Trainer:
 
 
 def evaluate_checkpoint(cfg: DictConfig, split: str = "test") -> dict[str, float]:
-    """Restore the latest checkpoint of `cfg.trainer.model_dir` and evaluate it on `split`."""
     return restore_checkpoint(cfg).evaluate(split)

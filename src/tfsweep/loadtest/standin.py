@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from tfsweep.hooks import Hook, LoggingHook, running
+from tfsweep.hooks import Hook, LoggingHook, chunk_ends, running
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ class StandInTrainer:
 
     def train(self) -> dict[str, float]:
         t, metrics = self.cfg.trainer, {}
-        boundaries = sorted({s for every in (t.log_every, t.eval_every, t.checkpoint_every)
-                             for s in range(every, self.steps, every)} | {self.steps})
+        boundaries = chunk_ends(0, t)
         with running(self):
             for step in boundaries:
                 if self.stop_reason is not None:
