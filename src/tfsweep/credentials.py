@@ -132,19 +132,17 @@ def move_secrets(cfg: DictConfig) -> None:
             if (clean := take(path, resolved)) is not None:
                 new_values[index] = clean
 
+    passwords = [value for name, (value, _) in environment.items() if name != "MLFLOW_TRACKING_USERNAME"]
     for index, (_, _, path, node) in enumerate(leaves):
         value = new_values.get(index, node._value())
         for secret_url, clean in url_texts.items():
             value = value.replace(secret_url, clean)
-        new_values[index] = value
-    # A URL written differently in an override than in the value (quoted, escaped) would survive the
-    # replacement above: refuse rather than record it.
-    passwords = [value for name, (value, _) in environment.items() if name != "MLFLOW_TRACKING_USERNAME"]
-    for index, (_, _, path, _) in enumerate(leaves):
-        value = new_values[index]
+        # A URL written differently in an override than in the value (quoted, escaped) would survive the
+        # replacement: refuse rather than record it.
         if "://" in value and any(password in value for password in passwords):
             raise ConfigError(f"{path} repeats a password in a form that cannot be cleaned: write the URL "
                               "without it and give the password through the environment or ~/.pgpass")
+        new_values[index] = value
 
     if env_clean is not None:
         os.environ[TRACKING_URI_ENV] = env_clean

@@ -88,15 +88,13 @@ def _helper_worker(ctx: SweepContext, worker_index: int) -> None:
 
 # -- the command -----------------------------------------------------------------------------------
 def run_sweep(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or continue) the study `cfg.sweep` describes; return its outcome.
+    """Run (or continue) the study `cfg.sweep` describes; return `summarize`'s outcome with `wall_seconds`
+    (this call), `mlflow_parent_run_id`, `published` (whether this command published the finished study's
+    results) and, once published, the best trial's `best_test_accuracy` and `best_config` (the yaml
+    `src/train.py` takes).
 
     Everything is checked (search space, sampler, pruner, storage, MLflow) before the first trial; a
-    problem raises a UserError and leaves an existing study as it was. Returns `wall_seconds` (this
-    call), the study's `n_complete`, `n_pruned`, `n_failed`, `n_interrupted`, `best_value`,
-    `best_params`, `best_trial`, `best_test_accuracy` and `best_config` (the yaml `src/train.py` takes;
-    both None until the study is finished), `trials` (number, state, value, params, seconds,
-    training_seconds), `mean_overhead_seconds` (a trial's seconds outside training steps, averaged over
-    the trials that ran) and `published` (whether this command published the finished study's results).
+    problem raises a UserError and leaves an existing study as it was.
     """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "Using an existing study" and the like

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from tfsweep.config import CONFIG_DIR, Config, compose_config, register_configs, validate
+from tfsweep.config import CONFIG_DIR, Config, compose_config, register_configs, require, validate
 from tfsweep.errors import ConfigError, first_line
 
 PROJECT_DIR = CONFIG_DIR.parent
@@ -194,16 +194,13 @@ def check(cfg: DictConfig) -> SweepConfig:
     Raise ConfigError with one sentence naming the key before anything is written.
     """
     sweep: SweepConfig = OmegaConf.to_object(cfg.sweep)
-    if not sweep.metric.startswith("val/"):
-        raise ConfigError(f"sweep.metric={sweep.metric!r} is invalid: the objective must be a validation "
-                          "metric such as val/accuracy (the test split is kept for the best trial)")
+    require(sweep.metric.startswith("val/"), "sweep.metric", sweep.metric, "the objective must be a validation "
+            "metric such as val/accuracy (the test split is kept for the best trial)")
     for key in ("n_trials", "n_workers", "heartbeat_seconds"):
-        if getattr(sweep, key) < 1:
-            raise ConfigError(f"sweep.{key}={getattr(sweep, key)} is invalid: it must be a positive integer")
-    if sweep.timeout is not None and sweep.timeout <= 0:
-        raise ConfigError(f"sweep.timeout={sweep.timeout} is invalid: give seconds > 0, or null for no limit")
-    if sweep.max_retry < 0:
-        raise ConfigError(f"sweep.max_retry={sweep.max_retry} is invalid: it must be zero or more")
+        require(getattr(sweep, key) >= 1, f"sweep.{key}", getattr(sweep, key), "it must be a positive integer")
+    require(sweep.timeout is None or sweep.timeout > 0, "sweep.timeout", sweep.timeout,
+            "give seconds > 0, or null for no limit")
+    require(sweep.max_retry >= 0, "sweep.max_retry", sweep.max_retry, "it must be zero or more")
     if not sweep.params:
         raise ConfigError("sweep.params is empty: give at least one training config key to search")
     build("sampler", sweep.sampler, seed=sweep.seed)

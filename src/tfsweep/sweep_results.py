@@ -4,6 +4,7 @@ parent run, published by one worker only."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,12 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
              "training_seconds": t.user_attrs.get("training_seconds")} for t in trials]
     ran = [r for r in rows if r["state"] in ("complete", "pruned", "failed") and r["seconds"] is not None
            and r["training_seconds"] is not None]
-    outcomes = [r["state"] for r in rows]
+    outcomes = Counter(r["state"] for r in rows)
     best = study.best_trial if study.best_trials else None
     return {
         "study_name": study.study_name,
-        "n_complete": outcomes.count(Outcome.complete.value),
-        "n_pruned": outcomes.count(Outcome.pruned.value),
-        "n_failed": outcomes.count(Outcome.failed.value),
-        "n_interrupted": outcomes.count(Outcome.interrupted.value),
+        **{f"n_{o.value}": outcomes[o.value] for o in (Outcome.complete, Outcome.pruned, Outcome.failed,
+                                                       Outcome.interrupted)},
         "best_trial": best.number if best else None,
         "best_value": best.value if best else None,
         "best_params": best.params if best else {},
@@ -76,9 +75,8 @@ def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, cli
     trial_cfg = trial_config(ctx.overrides, best.params, best.user_attrs["trial_dir"],
                              experiment_name=ctx.experiment)
     path = write_best_config(trial_cfg, cfg, Path(ctx.sweep.dir) / BEST_CONFIG, study.study_name, best.number)
-    test_accuracy = None
-    if client is not None:
-        test_accuracy = sweep_tracking.recorded_test_accuracy(client, ctx.parent_run_id, best.number)
+    test_accuracy = (None if client is None
+                     else sweep_tracking.recorded_test_accuracy(client, ctx.parent_run_id, best.number))
     register_as = cfg.tracking.registered_model_name if client is not None else None
     run_id = best.user_attrs.get("mlflow_run_id")
     model_id = logged_model.ready_model(client, run_id) if register_as else None

@@ -22,7 +22,6 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
 from tfsweep.crashpoints import crashpoint
-from tfsweep.tracking import RUN_ID_FILE
 from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,11 @@ def parent_run(client: MlflowClient, experiment: str, study, params: dict[str, A
     return run_id
 
 
+def runs_filter(study_name: str, role: str) -> str:
+    """The search filter for a study's parent run (`role` "study") or its trials' runs ("trial")."""
+    return f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{ROLE_TAG}` = '{role}'"
+
+
 def _usable(client: MlflowClient, run_id: str) -> bool:
     try:
         return client.get_run(run_id).info.lifecycle_stage == "active"
@@ -74,14 +78,8 @@ def _usable(client: MlflowClient, run_id: str) -> bool:
 
 
 def _parents(client: MlflowClient, exp_id: str, study_name: str):
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}' and "
-                              f"tags.`{ROLE_TAG}` = 'study'", max_results=100)
+    runs = client.search_runs([exp_id], filter_string=runs_filter(study_name, "study"), max_results=100)
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
-
-
-def child_run_id(model_dir: str | Path) -> str | None:
-    path = Path(model_dir) / RUN_ID_FILE
-    return path.read_text().strip() if path.exists() else None
 
 
 def recorded_test_accuracy(client: MlflowClient, run_id: str, trial_number: int) -> float | None:
@@ -154,8 +152,7 @@ def log_plots(client: MlflowClient, run_id: str, study, metric: str) -> None:
 
     for name in PLOTS:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the plots are experimental; legends warn on one-trial studies
+            with warnings.catch_warnings(action="ignore"):  # experimental plots; one-trial legends warn
                 named = {} if name == "plot_intermediate_values" else {"target_name": metric}
                 axes = getattr(plots, name)(study, **named)
             axes = axes.flat[0] if hasattr(axes, "flat") else axes

@@ -23,7 +23,8 @@ from tfsweep.errors import UserError, first_line
 from tfsweep.hooks import Hook, TrainingTimer
 from tfsweep.study import Outcome
 from tfsweep.sweep_config import ParamType, SweepContext, trial_config
-from tfsweep.tracking import RUN_ID_FILE, run_params
+from tfsweep.processes import write_atomically
+from tfsweep.tracking import RUN_ID_FILE, recorded_run_id, run_params
 from tfsweep.training import train
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class TrialRunHook(Hook):
     def begin(self, trainer):
         import mlflow
 
-        run_id = sweep_tracking.child_run_id(trainer.model_dir)
+        run_id = recorded_run_id(trainer.model_dir)
         if run_id is None:
             return
         client = mlflow.MlflowClient(trainer.cfg.tracking.uri)
@@ -104,19 +105,18 @@ def restore_first_attempt(ctx: SweepContext, cfg: DictConfig, attempts: list[int
     experiment = client.get_experiment_by_name(ctx.experiment)
     if experiment is None:
         return None
-    study = f"tags.`{sweep_tracking.STUDY_TAG}` = '{ctx.sweep.study_name}' and tags.`{sweep_tracking.ROLE_TAG}` = 'trial'"
+    trials = sweep_tracking.runs_filter(ctx.sweep.study_name, "trial")
     for number in reversed(attempts):  # a retry continues the same run and tags it with its own number
         runs = client.search_runs([experiment.experiment_id],
-                                  f"{study} and tags.`{sweep_tracking.NUMBER_TAG}` = '{number}'", max_results=1)
+                                  f"{trials} and tags.`{sweep_tracking.NUMBER_TAG}` = '{number}'", max_results=1)
         if runs:
             break
     else:
         return None
     run_id = runs[0].info.run_id
     step = checkpoint_artifacts.restore(client, run_id, model_dir)
-    if sweep_tracking.child_run_id(model_dir) != run_id:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / RUN_ID_FILE).write_text(run_id)  # the training run continues this run
+    if recorded_run_id(model_dir) != run_id:
+        write_atomically(model_dir / RUN_ID_FILE, run_id)  # the training run continues this run
     return step
 
 
@@ -176,7 +176,7 @@ def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> No
 
 
 def _tag_child(cfg: DictConfig, trial: optuna.Trial, result: Outcome, reason: str | None) -> None:
-    run_id = sweep_tracking.child_run_id(cfg.trainer.model_dir) if cfg.tracking.enabled else None
+    run_id = recorded_run_id(cfg.trainer.model_dir) if cfg.tracking.enabled else None
     if run_id is None:
         return
     trial.set_user_attr(RUN_ID_ATTR, run_id)

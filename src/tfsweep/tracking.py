@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,9 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfsweep import logged_model
 from tfsweep.checkpoint_artifacts import CheckpointUploader, uploads_while_training
+from tfsweep.config import flatten
 from tfsweep.crashpoints import crashpoint
+from tfsweep.data import METRIC_PREFIXES
 from tfsweep.credentials import redact_url
 from tfsweep.hooks import Hook
+from tfsweep.processes import write_atomically
 from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,12 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"  # in model_dir: resuming the model_dir continues this MLflow run
 RUN_KEY_FILE = "mlflow_run_key"  # in model_dir, written before the run is created, and tagged on it
 RUN_KEY_TAG = "tfsweep.model_dir_key"
-SPLIT_CONTEXTS = {"train": "train", "validation": "val", "test": "test"}  # as the metrics' prefixes
+
+
+def recorded_run_id(model_dir: str | Path) -> str | None:
+    """The MLflow run that `model_dir` continues, as its run id file names it."""
+    path = Path(model_dir) / RUN_ID_FILE
+    return path.read_text().strip() if path.exists() else None
 
 
 def redacted_config(cfg: DictConfig) -> DictConfig:
@@ -54,23 +61,14 @@ def run_params(cfg: DictConfig) -> dict[str, str]:
     itself with a `name` (`optimizer.name=adam` says more than `keras.optimizers.Adam`, and is what the
     sweep's search space chooses). A key or group the config lacks is skipped, as is a null value.
     """
-    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    params: dict[str, str] = {}
+    flat = flatten(cfg)
 
-    def add(key: str, value: object) -> None:
-        if isinstance(value, dict):
-            for name, child in value.items():
-                if not (name == "_target_" and "name" in value):
-                    add(f"{key}.{name}", child)
-        elif value is not None:
-            params[key] = str(value)[:6000]
+    def named_group_target(key: str) -> bool:
+        group, _, leaf = key.rpartition(".")
+        return leaf == "_target_" and f"{group}.name" in flat
 
-    for key in cfg.tracking.params:
-        node: object = resolved
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        add(key, node)
-    return params
+    return {key: str(value)[:6000] for wanted in cfg.tracking.params for key, value in flat.items()
+            if (key == wanted or key.startswith(f"{wanted}.")) and value is not None and not named_group_target(key)}
 
 
 def dataset_inputs(cfg: DictConfig, splits) -> list[DatasetInput]:
@@ -97,7 +95,7 @@ def dataset_inputs(cfg: DictConfig, splits) -> list[DatasetInput]:
         dataset = Dataset(name=data.name, digest=hashlib.sha256(identity.encode()).hexdigest()[:8],
                           source_type="local", source=json.dumps({"uri": str(Path(data.root).resolve())}),
                           schema=json.dumps(schema.to_dict()), profile=json.dumps(profile))
-        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXTS[split])]))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, METRIC_PREFIXES[split])]))
     return inputs
 
 
@@ -121,9 +119,7 @@ class MlflowHook(Hook):
     def _recorded_run_id(self, model_dir: Path, exp_id: str) -> str | None:
         """The run of `model_dir`: the one its run id file names, or the one tagged with its key (a
         process that died between creating the run and writing the file)."""
-        path = model_dir / RUN_ID_FILE
-        if path.exists():
-            run_id = path.read_text().strip()
+        if (run_id := recorded_run_id(model_dir)) is not None:
             try:
                 self.client.get_run(run_id)
                 return run_id
@@ -146,16 +142,15 @@ class MlflowHook(Hook):
             tags["mlflow.parentRunId"] = self.parent_run_id
         params = run_params(self.cfg)
         if run_id is None:
-            model_dir.mkdir(parents=True, exist_ok=True)
             key = uuid.uuid4().hex
-            _write_atomically(model_dir / RUN_KEY_FILE, key)
+            write_atomically(model_dir / RUN_KEY_FILE, key)
             # Not MLflow's generated name: it draws from `random`, which the trainer has just seeded.
             # MLflow's context tags (user, source, git commit), as `mlflow.start_run` would set them.
             run_name = self.cfg.tracking.run_name or Path(self.cfg.paths.output_dir).name
             run_id = self.client.create_run(exp_id, run_name=run_name,
                                             tags=resolve_tags({**tags, RUN_KEY_TAG: key})).info.run_id
             crashpoint("tracking.after_run_created")
-            _write_atomically(model_dir / RUN_ID_FILE, run_id)
+            write_atomically(model_dir / RUN_ID_FILE, run_id)
             crashpoint("tracking.after_run_id_written")
             logged_params, has_inputs, new_tags = {}, False, {}  # a new run: its tags are set
         else:
@@ -235,9 +230,3 @@ class MlflowHook(Hook):
             status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
             self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

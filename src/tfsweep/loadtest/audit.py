@@ -16,8 +16,8 @@ def audit_study(study, n_trials: int, client, experiment: str, study_name: str) 
     runs = []
     if client is not None:
         exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id], f"tags.`{sweep_tracking.STUDY_TAG}` = '{study_name}' and "
-                                  f"tags.`{sweep_tracking.ROLE_TAG}` = 'trial'", max_results=50000)
+        runs = client.search_runs([exp.experiment_id], sweep_tracking.runs_filter(study_name, "trial"),
+                                  max_results=50000)
     run_numbers = [int(r.data.tags.get(sweep_tracking.NUMBER_TAG, -1)) for r in runs]
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     return {
