@@ -59,13 +59,11 @@ def main(argv: list[str] | None = None) -> None:
                         "sqlite:///mlflow.db, as for training)")
     args = parser.parse_args(argv)
     store = args.backend_store_uri or default_store()
-    environment = dict(os.environ)
     try:
         # A password in the URL goes to the variable its client reads, not onto `mlflow ui`'s command line.
         if moved := move_secret("--backend-store-uri" if args.backend_store_uri else TRACKING_URI_ENV, store):
             store, secrets = moved
             os.environ.update(secrets)
-            environment.update(secrets)
         if store.startswith(("http://", "https://")):  # already a server, with its own UI
             print_urls(store, store)
             return
@@ -76,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     # One web worker and no job runner (seven queue consumers for GenAI evaluation jobs, unused here):
     # two processes and ~0.5 GB instead of ~15 and several GB on a 2-core machine.
-    environment["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     os.execve(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--workers", "1", "--host", args.host,
-                               "--port", str(args.port), "--backend-store-uri", store], environment)
+                               "--port", str(args.port), "--backend-store-uri", store],
+              {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import datetime as dt
 import os
 import platform
 import statistics
-import time
+import timeit
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,5 @@ def matmul_flops(size: int, repeats: int = 5) -> float:
         return total
 
     products(tf.constant(1)).numpy()  # trace
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        products(tf.constant(per_call)).numpy()
-        rates.append(2 * size ** 3 * per_call / (time.perf_counter() - start))
-    return statistics.median(rates)
+    seconds = timeit.repeat(lambda: products(tf.constant(per_call)).numpy(), number=1, repeat=repeats)
+    return 2 * size ** 3 * per_call / statistics.median(seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ import numpy as np
 
 from tfsweep.bench.overhead import PHASES
 from tfsweep.bench.runs import FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET
+from tfsweep.processes import write_atomically
 
 RESULTS_DIR = Path(__file__).resolve().parents[3] / "bench" / "results"
 
@@ -24,6 +24,10 @@ def pct(value: float | None) -> str:
 
 def times(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
+
+
+def seconds(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.0f} s"
 
 
 def _pruning(d: dict, result: dict) -> str:
@@ -43,7 +47,7 @@ def _bfloat16(d: dict, result: dict) -> str:
 
 
 def _time_to_accuracy(d: dict, result: dict) -> str:
-    fast = "not reached" if d["fast_seconds_to_99.0"] is None else f"{d['fast_seconds_to_99.0']:.0f} s"
+    fast = seconds(d["fast_seconds_to_99.0"])
     if d["tutorial_seconds_to_97.3"] is not None:
         tutorial = f"tutorial config to 97.3%: {d['tutorial_seconds_to_97.3']:.0f} s"
     else:
@@ -60,9 +64,6 @@ def _trial_overhead(d: dict, result: dict) -> str:
 
 
 def _fast_preset_seeds(d: dict, result: dict) -> str:
-    def seconds(value: float | None) -> str:
-        return "not reached" if value is None else f"{value:.0f} s"
-
     runs = d["runs"]
     finals = ", ".join(f"seed {r['seed']} {pct(r['test_accuracy'])}" for r in runs["schedule"])
     with_schedule = ", ".join(seconds(r["seconds_to_99.0"]) for r in runs["schedule"])
@@ -182,9 +183,7 @@ def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
         plot(result["curves"], plot_path)
         result["plot"] = plot_path.name
     result["table"] = table(result)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(result, indent=2, default=_jsonable))
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig
 
 from tfsweep.bench import machine, overhead
 from tfsweep.bench.runs import (FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET, Workspace, accuracy_at, curve_run,
@@ -56,18 +57,18 @@ GROUPS = ("speed", "accuracy", "fast_seeds", "sweep", "default_sweep")  # rows 1
 def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None,
         groups: tuple[str, ...] = GROUPS) -> dict[str, Any]:
     """Measure every row (or the `groups` named); return {mode, machine, settings, rows: {...}, runs, curves}."""
+    import keras
+
     settings = MODES[mode]
     root = Path(tempfile.mkdtemp(prefix="tfsweep-bench-", dir=workdir))
     label = mode if set(groups) == set(GROUPS) else "-".join((mode, *groups))  # a partial run says so
     result: dict[str, Any] = {"mode": label, "machine": machine.describe(), "settings": asdict(settings), "rows": {}}
     try:
         ws = Workspace(root)  # one for all rows: its run folders are numbered, and a reused one would resume
-        if "speed" in groups:
-            speed_rows(settings, ws, result)
-        if "accuracy" in groups:
-            accuracy_rows(settings, ws, result)
-        if "fast_seeds" in groups:
-            fast_seed_rows(settings, ws, result)
+        for group, measure in (("speed", speed_rows), ("accuracy", accuracy_rows), ("fast_seeds", fast_seed_rows)):
+            if group in groups:
+                measure(settings, ws, result)
+                keras.backend.clear_session()
         if with_sweep and "sweep" in groups:
             log.info("rows 6-8: the benchmark's sweep with pruning on and off, its trials timed by phase")
             result["rows"].update(sweep_rows(settings, root))
@@ -81,8 +82,6 @@ def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None
 
 def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> None:
     """Rows 1-4: steps/s of our trainer against bare Keras, bfloat16, tracking off, and a matmul."""
-    import keras
-
     from tfsweep.data import load_splits
     from tfsweep.model import build_network, training_flops_per_example
 
@@ -98,15 +97,15 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
     }, settings.repeats)
     result["runs"] = runs
     sps = {name: [r["steps_per_sec"] for r in values] for name, values in runs.items()}
+    median_sps = {name: statistics.median(values) for name, values in sps.items()}
     rows = result["rows"]
     rows["trainer_vs_keras"] = {
         "value": median_ratio(sps["trainer"], sps["keras_fit"]), "goal": ">= 1.0",
-        "detail": {"trainer_steps_per_sec": statistics.median(sps["trainer"]),
-                   "keras_fit_steps_per_sec": statistics.median(sps["keras_fit"])}}
+        "detail": {"trainer_steps_per_sec": median_sps["trainer"], "keras_fit_steps_per_sec": median_sps["keras_fit"]}}
     rows["bfloat16_vs_float32"] = {
         "value": median_ratio(sps["trainer_bfloat16"], sps["trainer"]), "goal": ">= 1.8",
-        "detail": {"bfloat16_steps_per_sec": statistics.median(sps["trainer_bfloat16"]),
-                   "float32_steps_per_sec": statistics.median(sps["trainer"])}}
+        "detail": {"bfloat16_steps_per_sec": median_sps["trainer_bfloat16"],
+                   "float32_steps_per_sec": median_sps["trainer"]}}
     wall = {name: [r["wall_seconds"] for r in runs[name]] for name in ("trainer", "trainer_untracked")}
     loop_overhead = 1 - median_ratio(sps["trainer"], sps["trainer_untracked"])
     fixed = statistics.median(np.subtract(wall["trainer"], wall["trainer_untracked"]))
@@ -115,13 +114,13 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
         "value": loop_overhead, "goal": "< 0.02",
         "detail": {"whole_run_overhead": median_ratio(wall["trainer"], wall["trainer_untracked"]) - 1,
                    "per_run_seconds": fixed,
-                   "projected_overhead_default_run": loop_overhead + fixed * statistics.median(
-                       sps["trainer_untracked"]) / default_steps,
+                   "projected_overhead_default_run": loop_overhead + fixed * median_sps["trainer_untracked"]
+                   / default_steps,
                    "default_steps": default_steps}}
 
     flops_per_example = training_flops_per_example(build_network(tutorial.model, "float32"))
     matmul = machine.matmul_flops(settings.matmul_size)
-    achieved, achieved_bf16 = (statistics.median(sps[name]) * tutorial.data.batch_size * flops_per_example
+    achieved, achieved_bf16 = (median_sps[name] * tutorial.data.batch_size * flops_per_example
                                for name in ("trainer", "trainer_bfloat16"))
     peak = result["machine"]["float32_peak_flops"]
     rows["hardware_efficiency"] = {
@@ -132,13 +131,10 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
                    "bfloat16_fraction_of_float32_matmul": achieved_bf16 / matmul,
                    "bfloat16_fraction_of_float32_peak": achieved_bf16 / peak,
                    "matmul_fraction_of_peak": matmul / peak}}
-    keras.backend.clear_session()
 
 
 def accuracy_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> None:
     """Row 5, and row 2's accuracy: test accuracy against training time, fast preset and tutorial config."""
-    import keras
-
     log.info("row 5: time to accuracy (fast preset, then the tutorial's configuration)")
     fast = curve_run(ws.config(f"experiment={FAST_PRESET}", *settings.fast_overrides), settings.monitor_every)
     fast_float32 = trainer_run(ws.config(f"experiment={FAST_PRESET}", *settings.fast_overrides,
@@ -162,7 +158,6 @@ def accuracy_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> 
                    else accuracy_at(tutorial["points"], fast_seconds),
                    "speedup_is_lower_bound": tutorial_seconds is None}}
     result["curves"] = {"tutorial": tutorial["points"], "fast": fast["points"]}
-    keras.backend.clear_session()
 
 
 def fast_seed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> None:
@@ -195,38 +190,37 @@ def fast_seed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) ->
 def default_sweep_row(settings: Settings, root: Path, extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Row 10: the default sweep as `make sweep` runs it, from an empty study: its wall time, and the test
     accuracy of the trial it selects on validation."""
+    cfg, outcome = _sweep([*settings.default_sweep_overrides, *extra_overrides], "bench-default",
+                          root / "default-sweep", root / "default-sweep.db")
+    return {"default_sweep": {
+        "value": outcome["best_test_accuracy"], "goal": "≥ 99.3% in ≤ 600 s",
+        "detail": {"n_trials": cfg.sweep.n_trials, "trial_steps": cfg.trainer.steps,
+                   **{key: outcome[key] for key in ("wall_seconds", "pruner", "n_complete", "n_pruned", "n_failed",
+                                                    "best_value", "best_params", "best_test_accuracy")}}}}
+
+
+def _sweep(overrides: list[str], study_name: str, study_dir: Path, database: Path) -> tuple[DictConfig, dict[str, Any]]:
+    """Run a sweep in `study_dir`, tracked in the SQLite file `database`; return its config and outcome,
+    which names its pruner."""
     from tfsweep.sweep import run_sweep
     from tfsweep.sweep_config import compose_sweep
 
-    study_dir = root / "default-sweep"
-    cfg = compose_sweep([*settings.default_sweep_overrides, *extra_overrides, "sweep.study_name=bench-default",
-                         f"sweep.dir={study_dir}", f"paths.output_dir={study_dir}",
-                         f"tracking.uri=sqlite:///{root / 'default-sweep.db'}"])
+    cfg = compose_sweep([*overrides, f"sweep.study_name={study_name}", f"sweep.dir={study_dir}",
+                         f"paths.output_dir={study_dir}", f"tracking.uri=sqlite:///{database}"])
     outcome = run_sweep(cfg)
-    return {"default_sweep": {
-        "value": outcome["best_test_accuracy"], "goal": "≥ 99.3% in ≤ 600 s",
-        "detail": {"wall_seconds": outcome["wall_seconds"], "n_trials": cfg.sweep.n_trials,
-                   "pruner": cfg.sweep.pruner._target_.rsplit(".", 1)[-1], "trial_steps": cfg.trainer.steps,
-                   **{key: outcome[key] for key in ("n_complete", "n_pruned", "n_failed", "best_value", "best_params",
-                                                    "best_test_accuracy")}}}}
+    outcome["pruner"] = cfg.sweep.pruner._target_.rsplit(".", 1)[-1]
+    return cfg, outcome
 
 
 def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Rows 6-8: the benchmark's sweep (same sampler seed) with its pruner on and off, every trial timed
     by phase. `extra_overrides` apply to both sweeps (tests shrink them with it); the sides' pruners, study
     names and folders are set after them."""
-    from tfsweep.sweep import run_sweep
-    from tfsweep.sweep_config import compose_sweep
-
     outcomes: dict[str, dict[str, Any]] = {}
     with overhead.measure_trials() as clock:
         for side, pruning in PRUNING_SIDES.items():  # one run each: a sweep is too long to repeat here
-            study_dir = root / f"sweep-{side}"
-            cfg = compose_sweep([*settings.sweep_overrides, *extra_overrides, *pruning,
-                                 f"sweep.study_name=bench-{side}", f"sweep.dir={study_dir}",
-                                 f"paths.output_dir={study_dir}", f"tracking.uri=sqlite:///{root / 'sweep.db'}"])
-            outcome = run_sweep(cfg)
-            outcome["pruner"] = cfg.sweep.pruner._target_.rsplit(".", 1)[-1]
+            cfg, outcome = _sweep([*settings.sweep_overrides, *extra_overrides, *pruning], f"bench-{side}",
+                                  root / f"sweep-{side}", root / "sweep.db")
             storage = Path(str(cfg.sweep.storage))
             outcome["storage_bytes"] = storage.stat().st_size if storage.exists() else None
             outcomes[side] = outcome

@@ -15,7 +15,6 @@ def server_pids(stack) -> dict[str, int]:
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """Each named process tree's CPU seconds so far."""
     return {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
 
 

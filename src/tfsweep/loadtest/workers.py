@@ -71,16 +71,14 @@ class Workers:
             try:
                 ready.get(timeout=1)
                 loaded += 1
-                continue
             except queue.Empty:
-                pass
-            dead = [p for p in self._processes if p.exitcode is not None]
-            if dead or time.monotonic() > deadline:
-                for process in self._processes:
-                    process.kill()
-                reason = (f"{dead[0].name} exited with code {dead[0].exitcode} while loading" if dead
-                          else f"the workers did not all load within {timeout:.0f} s")
-                raise RuntimeError(f"load test stopped: {reason}")
+                dead = [p for p in self._processes if p.exitcode is not None]
+                if dead or time.monotonic() > deadline:
+                    for process in self._processes:
+                        process.kill()
+                    reason = (f"{dead[0].name} exited with code {dead[0].exitcode} while loading" if dead
+                              else f"the workers did not all load within {timeout:.0f} s")
+                    raise RuntimeError(f"load test stopped: {reason}")
 
     def release(self) -> None:
         self._start.set()
