@@ -6,6 +6,7 @@ from sweep_fixtures import tiny_overrides
 
 from tfsweep.bench import machine, overhead, report, runs, suite
 from tfsweep.bench.stats import alternate, median_ratio
+from tfsweep.cpu import read_cpuinfo
 from tfsweep.data import load_splits
 
 RESULTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench" / "results").glob("*.json")
@@ -38,7 +39,7 @@ def test_median_ratio_pairs_rounds_and_drops_the_disturbed_one():
 
 
 def test_float32_peak_counts_zen4_avx512_as_256_bit_halves():
-    cpu = machine.read_cpuinfo(ZEN4_CPUINFO)
+    cpu = read_cpuinfo(ZEN4_CPUINFO)
     assert cpu["vendor"] == "AuthenticAMD" and cpu["family"] == 25 and "avx512_bf16" in cpu["flags"]
     peak, assumption = machine.float32_peak(cpu, cores=2)
     assert peak == pytest.approx(2 * 2.6e9 * 32)
@@ -96,7 +97,7 @@ def test_table_names_the_machine_and_keeps_row_numbers(tmp_path):
                        "| 20.0 vs 16.0 steps/s |"
     assert lines[3].startswith("| 8 | trial overhead") and "| 25.0% | ≤ 10% |" in lines[3]
     assert "trace and compile 0.25 s" in lines[3] and "2.0 s of a 8.0 s trial" in lines[3]
-    cpu = machine.read_cpuinfo()
+    cpu = read_cpuinfo()
     assert f"{cpu['model_name']} (family {cpu['family']} model {cpu['model']}), {described['cores']} cores" in lines[-1]
     assert saved["machine"]["tensorflow"] == described["tensorflow"]
     assert (tmp_path / saved["plot"]).stat().st_size > 0

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from tfsweep.bench.machine import read_cpuinfo
+from tfsweep.cpu import read_cpuinfo
 from tfsweep.data import IMAGE_SIZE
 
 log = logging.getLogger(__name__)

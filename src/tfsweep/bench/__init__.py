@@ -7,6 +7,6 @@ Machines like ours are shared and noisy, so a comparison runs its sides in alter
 - `runs`: the timed runs (our trainer, bare Keras `fit`, test accuracy against time);
 - `overhead`: where a sweep trial's time goes outside its training steps;
 - `stats`: alternating sides and per-round ratios;
-- `machine`: the CPU, its float32 peak and a matmul yardstick;
+- `machine`: the CPU (`tfsweep.cpu`), its float32 peak and a matmul yardstick;
 - `report`: the table, the plot and the saved JSON.
 """

@@ -89,7 +89,7 @@ def machine() -> dict[str, Any]:
     Not `tfsweep.bench.machine.describe()`: that one imports TensorFlow for its version and the CPU's
     float32 peak, which decide training speed, not the servers' and the study's.
     """
-    from tfsweep.bench.machine import read_cpuinfo
+    from tfsweep.cpu import read_cpuinfo
 
     versions = {}
     for package in ("optuna", "mlflow", "sqlalchemy", "psycopg2-binary"):
