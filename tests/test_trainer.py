@@ -120,7 +120,9 @@ def test_a_diverging_run_never_replaces_its_last_finite_checkpoint(make_cfg):
 
     cfg = make_cfg(**{"tracking.enabled": "false", "trainer.keep_checkpoints": "1", "trainer.checkpoint_every": "2",
                       "trainer.log_every": "20", "trainer.eval_every": "20", "trainer.steps": "40"})
-    with pytest.raises(NonFiniteLossError, match=r"became nan by step 6; lower optimizer.learning_rate \(the last "
+    # Which guard sees it first depends on the CPU's kernels: some turn the infinite weights into a NaN
+    # loss, others (AVX-512 on Zen 5) keep the loss finite for these steps and the save refuses them.
+    with pytest.raises(NonFiniteLossError, match=r"became (nan|not finite) by step 6; lower optimizer.learning_rate \(the last "
                                                  r"finite checkpoint, step 4, stays in trainer.model_dir="):
         train(cfg, hooks=[DivergeAfterStep4()])
     assert [p.name for p in Path(cfg.trainer.model_dir).glob("ckpt-*.index")] == ["ckpt-4.index"]
