@@ -144,9 +144,12 @@ def test_sweep_rows_time_every_trial_by_phase(tmp_path):
     assert rows["pruning"]["detail"]["none"]["n_complete"] == 2
     detail = rows["trial_overhead"]["detail"]
     assert detail["trials_measured"] == 4 and detail["trial_steps"] == 30
+    assert [t["study"] for t in detail["per_trial"]] == ["bench-pruned"] * 2 + ["bench-none"] * 2
     for trial in detail["per_trial"]:
         # steps 30, eval_every 10, checkpoint_every 10: each phase is seen as often as the trainer runs it
-        assert trial["calls"]["evaluations"] == 3 and trial["calls"]["checkpoint_saves"] == 3
+        # (successive halving stops the first two trials at its first rung, step 10: one evaluation each)
+        evaluations = 3 if trial["study"] == "bench-none" else 1
+        assert trial["calls"]["evaluations"] == evaluations and trial["calls"]["checkpoint_saves"] == evaluations
         assert trial["calls"]["model_build"] == 1 and trial["calls"]["clear_keras"] == 1
         assert trial["calls"]["checkpoint_uploads"] >= 1 and trial["calls"]["mlflow"] >= 3
         phases = trial["phases_seconds"]
@@ -157,6 +160,12 @@ def test_sweep_rows_time_every_trial_by_phase(tmp_path):
         sum(t["outside_seconds"] for t in detail["per_trial"]) / sum(t["wall_seconds"] for t in detail["per_trial"]))
     assert rows["pruning"]["detail"]["pruned"]["pruner"] == "SuccessiveHalvingPruner"  # the default sweep's
     assert rows["pruning"]["detail"]["none"]["pruner"] == "NopPruner"
+    # row 10 is the pruned side, `make sweep` as a user runs it: its time, and its pick's test accuracy
+    default, pruned = rows["default_sweep"], rows["pruning"]["detail"]["pruned"]
+    assert default["detail"]["wall_seconds"] == pruned["wall_seconds"] and default["detail"]["pruner"] == pruned["pruner"]
+    assert default["detail"]["best_params"] == pruned["best_params"] == {} and pruned["n_pruned"] == 2
+    assert default["value"] is default["detail"]["best_test_accuracy"] is None  # no trial finished
+    assert default["detail"]["n_trials"] == 2 and 0 <= rows["pruning"]["detail"]["none"]["best_value"] <= 1
 
 
 def test_fast_preset_row_alternates_seeds_and_counts_the_seeds_at_99(make_cfg, synthetic_data, tmp_path):
@@ -176,3 +185,34 @@ def test_fast_preset_row_alternates_seeds_and_counts_the_seeds_at_99(make_cfg, s
     assert (detail["time_to_99.0_ratio"] is None) == (None in reached)
     line = report.ROWS[[r.key for r in report.ROWS].index("fast_preset_seeds")].measured(detail, result)
     assert line.startswith(f"{detail['seeds_at_99.0']} of 2 seeds end at")
+
+
+def recorded_trial(number: int, curve: list[float], seconds: float):
+    """A finished 1,500-step trial as an unpruned study stores it: its curve every 500 steps, its duration."""
+    import datetime as dt
+
+    import optuna
+
+    start = dt.datetime(2026, 1, 1)
+    return optuna.trial.FrozenTrial(
+        number=number, trial_id=number, state=optuna.trial.TrialState.COMPLETE, value=curve[-1], values=None,
+        datetime_start=start, datetime_complete=start + dt.timedelta(seconds=seconds), params={}, distributions={},
+        user_attrs={}, system_attrs={}, intermediate_values={500 * (i + 1): v for i, v in enumerate(curve)})
+
+
+def test_pruner_replay_charges_each_trial_the_steps_it_would_have_run():
+    from tfsweep.bench import replay
+
+    trials = [recorded_trial(0, [0.90, 0.95, 0.96], 33.0), recorded_trial(1, [0.97, 0.98, 0.99], 63.0),
+              recorded_trial(2, [0.80, 0.85, 0.86], 33.0), recorded_trial(3, [0.98, 0.99, 0.995], 33.0)]
+    none, halving = replay.compare(trials, [
+        {"_target_": "optuna.pruners.NopPruner"},
+        {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 500, "reduction_factor": 2,
+         "bootstrap_count": 1}], steps=1500)
+    assert none["ratio"] == pytest.approx(1.0) and none["n_complete"] == 4 and none["shortfall"] == 0
+    # trial 0 is the bootstrap (stops at 500); 1 is the best of two at 500 and of its two at 1,000 but
+    # alone there, so the bootstrap stops it too; 2 is behind at 500; 3 leads at 500 and 1,000 and finishes
+    fixed = replay.FIXED_SECONDS
+    cost = [fixed + (33 - fixed) / 3, fixed + (63 - fixed) * 2 / 3, fixed + (33 - fixed) / 3, 33.0]
+    assert halving["seconds"] == pytest.approx(sum(cost)) and halving["ratio"] == pytest.approx(sum(cost) / 162)
+    assert halving["n_complete"] == 1 and halving["best_value"] == 0.995 and halving["shortfall"] == 0

@@ -58,14 +58,21 @@ def test_modes_return_what_the_estimator_would():
     assert evaluate.loss.shape == () and 1.5 < float(evaluate.loss) < 3.5  # ~ln(10) at initialisation
 
 
-ZEN3_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma\n"
-ZEN4_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n"
+ZEN3_FLAGS = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ZEN4_FLAGS = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n"
+XEON_NO_AMX_FLAGS = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n"
+XEON_AMX_FLAGS = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 
-def test_mixed_bfloat16_falls_back_to_float32_only_on_an_x86_cpu_without_bfloat16(caplog):
+def test_mixed_bfloat16_falls_back_to_float32_only_where_bfloat16_is_slower(caplog):
     assert usable_precision("mixed_bfloat16", ZEN4_FLAGS) == "mixed_bfloat16"
+    assert usable_precision("mixed_bfloat16", XEON_AMX_FLAGS) == "mixed_bfloat16"
     assert usable_precision("mixed_bfloat16", "Features\t: fp asimd bf16\n") == "mixed_bfloat16"  # no x86 flags
     assert usable_precision("float32", ZEN3_FLAGS) == "float32"
+    assert not caplog.records
     with caplog.at_level("WARNING"):
         assert usable_precision("mixed_bfloat16", ZEN3_FLAGS) == "float32"
-    assert "no bfloat16 instructions" in caplog.text
+        assert "AuthenticAMD CPU without amx_bf16 or avx512_bf16" in caplog.text
+        caplog.clear()
+        assert usable_precision("mixed_bfloat16", XEON_NO_AMX_FLAGS) == "float32"  # AVX-512 BF16 alone: slower
+        assert "GenuineIntel CPU without amx_bf16" in caplog.text

@@ -15,23 +15,31 @@ from tfsweep.data import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 instructions behind oneDNN's fast bfloat16 kernels
+# The x86 instructions that make oneDNN's bfloat16 kernels pay, by vendor. On AMD, AVX-512 BF16 does:
+# ~2x float32's steps/s on Zen 4 and Zen 5. On an Intel Xeon (family 6 model 207) with AVX-512 BF16 but
+# no AMX, bfloat16 ran at ~0.7x float32's steps/s (fast preset 12.4 vs 16.9; a batch-128 sweep trial
+# 205 vs 139 s), so there only AMX counts.
+BFLOAT16_FLAGS = {"AuthenticAMD": {"avx512_bf16", "amx_bf16"}, "GenuineIntel": {"amx_bf16"}}
 
 
 def usable_precision(precision: str, cpuinfo: str | None = None) -> str:
-    """`precision`, except `mixed_bfloat16` on an x86 CPU without bfloat16 instructions, which gets float32.
+    """`precision`, except `mixed_bfloat16` on an x86 CPU whose bfloat16 is slower than float32, which
+    gets float32.
 
-    There bfloat16 is emulated: the fast preset ran at 0.6 steps/s on a 2-core AMD EPYC Zen 3 (AVX2
-    only), against ~36 steps/s on a Zen 4 with AVX-512 BF16. float32 weights are kept either way, so
-    checkpoints move between the two.
+    Without bfloat16 instructions it is emulated: the fast preset ran at 0.6 steps/s on a 2-core AMD EPYC
+    Zen 3 (AVX2 only), against ~36 steps/s on a Zen 4 with AVX-512 BF16. float32 weights are kept either
+    way, so checkpoints move between the two.
     """
     if precision != "mixed_bfloat16":
         return precision
-    flags = read_cpuinfo(cpuinfo)["flags"]
-    if not flags or BFLOAT16_FLAGS & flags:
-        return precision  # not x86 (no flags line to judge by), or bfloat16 in hardware
-    log.warning("trainer.precision=mixed_bfloat16 but this CPU has no bfloat16 instructions (%s): training "
-                "in float32, which is many times faster here", " or ".join(sorted(BFLOAT16_FLAGS)))
+    cpu = read_cpuinfo(cpuinfo)
+    if not cpu["flags"]:
+        return precision  # not x86: no flags line to judge by
+    fast = BFLOAT16_FLAGS.get(cpu["vendor"], set().union(*BFLOAT16_FLAGS.values()))
+    if fast & cpu["flags"]:
+        return precision
+    log.warning("trainer.precision=mixed_bfloat16, but bfloat16 is slower than float32 on this %s CPU without "
+                "%s: training in float32", cpu["vendor"] or "x86", " or ".join(sorted(fast)))
     return "float32"
 
 

@@ -36,22 +36,21 @@ class Settings:
     monitor_every: int         # steps between test-split checks of the fast preset in the accuracy row
     tutorial_monitor_every: int  # the same for the tutorial's configuration, which learns more slowly
     fast_overrides: tuple[str, ...] = ()  # applied on top of the fast preset (quick: fewer steps)
-    sweep_overrides: tuple[str, ...] = ("sweeps=bench",)  # the sweep of rows 6-8: a file in sweeps/
+    # rows 6-8 and 10: a file in sweeps/, run from an empty study with its pruner and with none
+    sweep_overrides: tuple[str, ...] = ("sweeps=default",)
     fast_seeds: tuple[int, ...] = (0, 1, 2)  # row 9: the fast preset must end at >= 99.0% for each
-    default_sweep_overrides: tuple[str, ...] = ("sweeps=default",)  # row 10: `make sweep`, from an empty study
 
 
 MODES = {
     "quick": Settings(speed_steps=150, repeats=2, matmul_size=1024, tutorial_budget_s=30, monitor_every=100,
                       tutorial_monitor_every=200, fast_overrides=("trainer.steps=400",),
-                      sweep_overrides=("sweeps=bench_quick",), fast_seeds=(0, 1),
-                      default_sweep_overrides=("sweeps=quick",)),
+                      sweep_overrides=("sweeps=bench_quick",), fast_seeds=(0, 1)),
     "full": Settings(speed_steps=200, repeats=5, matmul_size=2048, tutorial_budget_s=180, monitor_every=100,
                      tutorial_monitor_every=500),
 }
 
 
-GROUPS = ("speed", "accuracy", "fast_seeds", "sweep", "default_sweep")  # rows 1-4, 5, 9, 6-8, 10
+GROUPS = ("speed", "accuracy", "fast_seeds", "sweep")  # rows 1-4, 5, 9, 6-8 and 10
 
 
 def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None,
@@ -70,11 +69,8 @@ def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None
                 measure(settings, ws, result)
                 keras.backend.clear_session()
         if with_sweep and "sweep" in groups:
-            log.info("rows 6-8: the benchmark's sweep with pruning on and off, its trials timed by phase")
+            log.info("rows 6-8 and 10: the default sweep from an empty study with its pruner and with none")
             result["rows"].update(sweep_rows(settings, root))
-        if with_sweep and "default_sweep" in groups:
-            log.info("row 10: the default sweep from an empty study, and its best trial's test accuracy")
-            result["rows"].update(default_sweep_row(settings, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return result
@@ -187,18 +183,6 @@ def fast_seed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) ->
                    "time_to_99.0_ratio": median_ratio(to_target["schedule"], to_target["constant"]) if reached else None}}
 
 
-def default_sweep_row(settings: Settings, root: Path, extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Row 10: the default sweep as `make sweep` runs it, from an empty study: its wall time, and the test
-    accuracy of the trial it selects on validation."""
-    cfg, outcome = _sweep([*settings.default_sweep_overrides, *extra_overrides], "bench-default",
-                          root / "default-sweep", root / "default-sweep.db")
-    return {"default_sweep": {
-        "value": outcome["best_test_accuracy"], "goal": "≥ 99.3% in ≤ 600 s",
-        "detail": {"n_trials": cfg.sweep.n_trials, "trial_steps": cfg.trainer.steps,
-                   **{key: outcome[key] for key in ("wall_seconds", "pruner", "n_complete", "n_pruned", "n_failed",
-                                                    "best_value", "best_params", "best_test_accuracy")}}}}
-
-
 def _sweep(overrides: list[str], study_name: str, study_dir: Path, database: Path) -> tuple[DictConfig, dict[str, Any]]:
     """Run a sweep in `study_dir`, tracked in the SQLite file `database`; return its config and outcome,
     which names its pruner."""
@@ -213,9 +197,11 @@ def _sweep(overrides: list[str], study_name: str, study_dir: Path, database: Pat
 
 
 def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Rows 6-8: the benchmark's sweep (same sampler seed) with its pruner on and off, every trial timed
-    by phase. `extra_overrides` apply to both sweeps (tests shrink them with it); the sides' pruners, study
-    names and folders are set after them."""
+    """Rows 6-8 and 10: the sweep of `settings` (`make sweep`'s) from an empty study, with its pruner and
+    with none (same sampler seed), every trial timed by phase. The pruned side is `make sweep` as a user
+    runs it: row 10 is its wall time and the test accuracy of the trial it selects on validation.
+    `extra_overrides` apply to both sweeps (tests shrink them with it); the sides' pruners, study names and
+    folders are set after them."""
     outcomes: dict[str, dict[str, Any]] = {}
     with overhead.measure_trials() as clock:
         for side, pruning in PRUNING_SIDES.items():  # one run each: a sweep is too long to repeat here
@@ -228,6 +214,11 @@ def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] 
     trials = [t for t in on["trials"] + off["trials"] if t["seconds"] is not None]
     phases = overhead.breakdown(clock.trials)
     return {
+        "default_sweep": {
+            "value": on["best_test_accuracy"], "goal": "≥ 99.3% in ≤ 600 s",
+            "detail": {"n_trials": cfg.sweep.n_trials, "trial_steps": cfg.trainer.steps,
+                       **{key: on[key] for key in ("wall_seconds", "pruner", "n_complete", "n_pruned", "n_failed",
+                                                   "best_value", "best_params", "best_test_accuracy")}}},
         "pruning": {
             "value": on["wall_seconds"] / off["wall_seconds"], "goal": "report",
             "detail": {side: {key: outcome[key] for key in ("pruner", "wall_seconds", "n_complete", "n_pruned",

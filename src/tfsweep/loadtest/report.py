@@ -18,7 +18,7 @@ RESULTS_DIR = PROJECT_DIR / "bench" / "results"
 
 def default_trial_seconds(results_dir: Path = RESULTS_DIR) -> tuple[float | None, str]:
     """A default-sweep trial's median wall time, from the newest full benchmark's sweep-overhead row
-    (sweeps/bench.yaml runs default-sweep trials); (None, reason) when there is none."""
+    (rows 6-8 run the default sweep); (None, reason) when there is none."""
     for path in sorted(results_dir.glob("*-full.json"), reverse=True):
         row = json.loads(path.read_text()).get("rows", {}).get("sweep_overhead", {})
         seconds = (row.get("detail") or {}).get("median_trial_seconds")
