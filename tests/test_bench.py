@@ -216,3 +216,18 @@ def test_pruner_replay_charges_each_trial_the_steps_it_would_have_run():
     cost = [fixed + (33 - fixed) / 3, fixed + (63 - fixed) * 2 / 3, fixed + (33 - fixed) / 3, 33.0]
     assert halving["seconds"] == pytest.approx(sum(cost)) and halving["ratio"] == pytest.approx(sum(cost) / 162)
     assert halving["n_complete"] == 1 and halving["best_value"] == 0.995 and halving["shortfall"] == 0
+
+
+def test_pruner_replay_of_the_recorded_default_sweep_backs_the_pruner_it_chose(capsys):
+    """The numbers sweeps/pruner/successive_halving.yaml quotes, from the committed unpruned journal."""
+    from tfsweep.bench import replay
+
+    journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-02T1745-default-sweep-unpruned.journal.log"
+    replay.main(["sweep.study_name=replay-none", f"sweep.storage={journal}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "replay-none: 16 finished trials of 1500 steps, 2639 s, best 0.9938"
+    rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[1:]}
+    assert rows["min_resource=250 reduction_factor=4 bootstrap_count=2"] == ["0.47x", " 3 finished",
+                                                                             "best short by 0.0000"]
+    assert rows["min_resource=250 reduction_factor=3 bootstrap_count=0"] == ["0.59x", " 6 finished",
+                                                                             "best short by 0.0014"]

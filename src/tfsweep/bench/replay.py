@@ -1,4 +1,5 @@
-"""Choose a pruner by replaying an unpruned study: `python -m tfsweep.bench.replay STORAGE [STUDY] [PRUNER ...]`.
+"""Choose a pruner by replaying an unpruned study, named by the overrides its sweep ran with:
+`python -m tfsweep.bench.replay sweep.study_name=NAME sweep.storage=JOURNAL_OR_URL [trainer.steps=...]`.
 
 Each finished trial of the study is fed, in its order, into a new in-memory study with the candidate
 pruner (Optuna's own `prune`), reporting its recorded curve until the pruner stops it. A trial that stops
@@ -9,27 +10,37 @@ differ: `make bench` row 6 measures the chosen pruner for real.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Any
 
 import optuna
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tfsweep import study as studies
+from tfsweep.sweep_config import check, compose_sweep
+
 FIXED_SECONDS = 3.0  # a trial's cost outside training steps (`make bench` row 8: 3.6 s of a 45.9 s trial)
-CANDIDATES = [
-    {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 250, "reduction_factor": rf,
-     "bootstrap_count": bootstrap} for rf in (2, 3, 4, 5) for bootstrap in (0, 1, 2)
-] + [{"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 250, "max_resource": 1500, "reduction_factor": 3},
-     {"_target_": "optuna.pruners.PercentilePruner", "percentile": 33.0, "n_startup_trials": 1, "n_warmup_steps": 250}]
+
+
+def candidates(eval_every: int, steps: int) -> list[dict[str, Any]]:
+    """Pruner configs to compare, with their rungs on the study's evaluations."""
+    halving = [{"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": eval_every,
+                "reduction_factor": factor, "bootstrap_count": bootstrap}
+               for factor in (2, 3, 4, 5) for bootstrap in (0, 1, 2)]
+    return halving + [
+        {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": eval_every, "max_resource": steps,
+         "reduction_factor": 3},
+        {"_target_": "optuna.pruners.PercentilePruner", "percentile": 33.0, "n_startup_trials": 1,
+         "n_warmup_steps": eval_every}]
 
 
 def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePruner, steps: int,
-           direction: str = "maximize") -> dict[str, Any]:
+           direction: str | optuna.study.StudyDirection = "maximize") -> dict[str, Any]:
     """The cost (seconds) of `trials` under `pruner`, how many it lets finish, and the best of those."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=direction, pruner=pruner)
-    seconds, finished = 0.0, []
+    # a fixed name: HyperbandPruner picks a trial's bracket by hashing the study name with the trial number
+    study = optuna.create_study(study_name="replay", direction=direction, pruner=pruner)
+    seconds = 0.0
     for recorded in trials:
         trial = study.ask()
         reached = steps
@@ -42,43 +53,36 @@ def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePr
         seconds += FIXED_SECONDS + max(0.0, duration - FIXED_SECONDS) * reached / steps
         if reached == steps:
             study.tell(trial, recorded.value)
-            finished.append(recorded.value)
         else:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    pick = max if direction == "maximize" else min
-    return {"seconds": seconds, "n_complete": len(finished), "best_value": pick(finished) if finished else None}
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return {"seconds": seconds, "n_complete": len(finished), "best_value": study.best_value if finished else None}
 
 
 def compare(trials: list[optuna.trial.FrozenTrial], pruners: list[dict[str, Any]], steps: int,
-            direction: str = "maximize") -> list[dict[str, Any]]:
-    """One row per pruner config: its replay, its cost as a fraction of the unpruned study's, and how far
-    its best value falls short of the unpruned best (in the metric's units, positive = worse)."""
-    unpruned = sum(t.duration.total_seconds() for t in trials)
-    pick = max if direction == "maximize" else min
-    best = pick(t.value for t in trials)
+            direction: str | optuna.study.StudyDirection = "maximize") -> list[dict[str, Any]]:
+    """One row per pruner config: its replay, its cost as a fraction of the unpruned study's (the replay
+    under Optuna's NopPruner), and how far its best value falls short of the unpruned best."""
+    unpruned = replay(trials, optuna.pruners.NopPruner(), steps, direction)
     rows = []
     for spec in pruners:
         result = replay(trials, instantiate(OmegaConf.create(spec)), steps, direction)
-        shortfall = None if result["best_value"] is None else abs(best - result["best_value"])
-        rows.append({"pruner": spec, **result, "ratio": result["seconds"] / unpruned, "shortfall": shortfall})
+        shortfall = None if result["best_value"] is None else abs(unpruned["best_value"] - result["best_value"])
+        rows.append({"pruner": spec, **result, "ratio": result["seconds"] / unpruned["seconds"],
+                     "shortfall": shortfall})
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("storage", help="the unpruned study's storage: a journal file or a database URL")
-    parser.add_argument("study", nargs="?", help="its name, if the storage holds more than one")
-    parser.add_argument("--steps", type=int, default=1500, help="the trials' trainer.steps")
-    args = parser.parse_args()
-    storage = args.storage
-    if "://" not in storage:
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
-    study = optuna.load_study(study_name=args.study, storage=storage)
-    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    direction = "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
-    print(f"{len(trials)} finished trials, {sum(t.duration.total_seconds() for t in trials):.0f} s, "
-          f"best {max(t.value for t in trials) if direction == 'maximize' else min(t.value for t in trials):.4f}")
-    for row in compare(trials, CANDIDATES, args.steps, direction):
+def main(overrides: list[str]) -> None:
+    cfg = compose_sweep(overrides)
+    sweep = check(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=sweep.study_name, storage=studies.open_storage(sweep))
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    print(f"{sweep.study_name}: {len(trials)} finished trials of {cfg.trainer.steps} steps, "
+          f"{sum(t.duration.total_seconds() for t in trials):.0f} s, best {study.best_value:.4f}")
+    for row in compare(trials, candidates(cfg.trainer.eval_every, cfg.trainer.steps), cfg.trainer.steps,
+                       study.direction):
         spec = " ".join(f"{k}={v}" for k, v in row["pruner"].items() if k != "_target_")
         name = row["pruner"]["_target_"].rsplit(".", 1)[-1]
         shortfall = "n/a" if row["shortfall"] is None else f"{row['shortfall']:.4f}"
@@ -86,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
