@@ -165,6 +165,8 @@ def test_sweep_rows_time_every_trial_by_phase(tmp_path):
     assert default["detail"]["wall_seconds"] == pruned["wall_seconds"] and default["detail"]["pruner"] == pruned["pruner"]
     assert default["detail"]["best_params"] == pruned["best_params"] == {} and pruned["n_pruned"] == 2
     assert default["value"] is default["detail"]["best_test_accuracy"] is None  # no trial finished
+    line = report.ROWS[[r.key for r in report.ROWS].index("default_sweep")].measured(default["detail"], {})
+    assert line.endswith("failed of 2 trials of 30 steps; no trial finished")
     assert default["detail"]["n_trials"] == 2 and 0 <= rows["pruning"]["detail"]["none"]["best_value"] <= 1
 
 

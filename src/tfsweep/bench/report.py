@@ -77,8 +77,9 @@ def _fast_preset_seeds(d: dict, result: dict) -> str:
 def _default_sweep(d: dict, result: dict) -> str:
     return (f"{d['wall_seconds']:.0f} s from an empty study; {d['n_complete']} complete, {d['n_pruned']} pruned "
             f"({d['pruner']}), {d['n_failed']} failed of {d['n_trials']} trials of {d['trial_steps']} steps; "
-            f"best val accuracy {pct(d['best_value'])}, " + " ".join(f"{k}={v:.4g}" if isinstance(v, float)
-                                                                    else f"{k}={v}" for k, v in d["best_params"].items()))
+            + (f"best val accuracy {pct(d['best_value'])}, " + " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d["best_params"].items())
+               if d["best_params"] else "no trial finished"))
 
 
 @dataclass(frozen=True)
