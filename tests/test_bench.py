@@ -56,6 +56,32 @@ def test_time_to_and_accuracy_at_read_the_curve():
     assert runs.accuracy_at(points, 5.0) is None
 
 
+def test_training_timer_stops_for_evaluations_and_checkpoints_between_log_points(monkeypatch):
+    from tfsweep import hooks
+
+    clock = iter([0.0,            # begin
+                  5.0,            # log 50: 5 s of training
+                  7.0, 10.0,      # evaluation at step 60, not a log point: 2 s of training, then 3 s off
+                  13.0,           # log 100: 3 s more of training
+                  13.0, 15.0,     # evaluation at the log point, 2 s off
+                  15.0, 16.0,     # checkpoint, 1 s off
+                  21.0])          # log 150: 5 s of training
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: next(clock))
+    timer = hooks.TrainingTimer()
+    timer.begin(None)
+    timer.after_log(None, 50, {})
+    timer.before_eval(None, 60, "val")
+    timer.after_eval(None, 60, "val", {})
+    timer.after_log(None, 100, {})
+    timer.before_eval(None, 100, "val")
+    timer.after_eval(None, 100, "val", {})
+    timer.before_checkpoint(None, 100)
+    timer.after_checkpoint(None, 100, "ckpt-100")
+    timer.after_log(None, 150, {})
+    assert timer.training_seconds == 15.0
+    assert timer.steps_per_sec == 100 / 10.0  # steps 50 to 150 in the 10 training seconds between them
+
+
 def test_speed_measurements_on_synthetic_data_agree_with_each_other(make_cfg):
     cfg = make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40", "trainer.evaluate_test": "false"})
     ours = runs.trainer_run(cfg)

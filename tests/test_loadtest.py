@@ -48,6 +48,9 @@ def test_stand_in_calls_hooks_where_the_trainer_does(tmp_path):
         def after_log(self, trainer, step, logs):
             self.calls.append(f"log {step}")
 
+        def before_eval(self, trainer, step, split):
+            self.calls.append(f"eval? {step}")
+
         def after_eval(self, trainer, step, split, metrics):
             self.calls.append(f"eval {step}")
             if step == 40:
@@ -68,8 +71,8 @@ def test_stand_in_calls_hooks_where_the_trainer_does(tmp_path):
     recorder = Recorder()
     trainer = standin.StandInTrainer(cfg, [recorder], train_seconds=0, checkpoint_size=10_000)
     trainer.train()
-    assert recorder.calls == ["begin", "log 10", "log 20", "eval 20", "save 20", "log 30", "log 40", "eval 40",
-                              "save 40", "end None"]
+    assert recorder.calls == ["begin", "log 10", "log 20", "eval? 20", "eval 20", "save 20", "log 30", "log 40",
+                              "eval? 40", "eval 40", "save 40", "end None"]
     kept = sorted(p.name for p in Path(cfg.trainer.model_dir).glob("ckpt-*"))
     assert kept == ["ckpt-40.data-00000-of-00001", "ckpt-40.index"]
     assert (Path(cfg.trainer.model_dir) / "ckpt-40.data-00000-of-00001").stat().st_size == 10_000

@@ -17,9 +17,14 @@ from tfsweep.training import evaluate_checkpoint, train
 class Recorder(Hook):
     def __init__(self):
         self.logs, self.evals, self.checkpoints = [], [], []
+        self.evals_begun: list[tuple[int, str]] = []
 
     def after_log(self, trainer, step, logs):
         self.logs.append((step, logs))
+
+    def before_eval(self, trainer, step, split):
+        assert len(self.evals_begun) == len(self.evals)  # the last evaluation has ended
+        self.evals_begun.append((step, split))
 
     def after_eval(self, trainer, step, split, metrics):
         self.evals.append((step, split, metrics))
@@ -34,7 +39,7 @@ def test_short_training_learns_checkpoints_and_reports(make_cfg):
     metrics = train(cfg, hooks=[recorder])
     assert [step for step, _ in recorder.logs] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert [(step, split) for step, split, _ in recorder.evals] == [
-        (10, "val"), (20, "val"), (30, "val"), (40, "val"), (40, "test")]
+        (10, "val"), (20, "val"), (30, "val"), (40, "val"), (40, "test")] == recorder.evals_begun
     assert recorder.checkpoints == [10, 20, 30, 40]
     assert all(math.isfinite(logs["train/loss"]) and logs["global_step_per_sec"] > 0 for _, logs in recorder.logs)
     assert recorder.logs[-1][1]["train/loss"] < recorder.logs[0][1]["train/loss"]

@@ -43,6 +43,8 @@ class Hook:
 
     def after_log(self, trainer: Trainer, step: int, logs: dict[str, float]) -> None: ...
 
+    def before_eval(self, trainer: Trainer, step: int, split: str) -> None: ...
+
     def after_eval(self, trainer: Trainer, step: int, split: str, metrics: dict[str, float]) -> None: ...
 
     def before_checkpoint(self, trainer: Trainer, step: int) -> None: ...
@@ -114,30 +116,35 @@ class ProgressBarHook(Hook):
 
 
 class TrainingTimer(Hook):
-    """Seconds spent in training steps, and steps/sec between the first and the last log point.
+    """Seconds spent in training steps, and steps/sec over them between the first and the last log point.
 
-    Evaluations and checkpoints run at boundaries and end in a hook call, which restarts the clock, so
-    they are not counted; the first chunk includes tracing, which `steps_per_sec` leaves out.
+    The clock stops for every evaluation and checkpoint (from `before_*` to `after_*`), wherever they fall
+    between log points: a steps/sec that counted them would charge the trainer for its validation passes,
+    which a bare `model.fit` does not make. The first chunk includes tracing, which `steps_per_sec` leaves out.
     """
 
     def __init__(self) -> None:
         self.training_seconds = 0.0
-        self.marks: list[tuple[int, float]] = []  # (global step, perf_counter) at each log point
+        self.marks: list[tuple[int, float]] = []  # (global step, training_seconds) at each log point
         self._mark = 0.0
 
     def begin(self, trainer):
         self._mark = time.perf_counter()
 
+    def _stop_clock(self, *args) -> None:
+        self.training_seconds += time.perf_counter() - self._mark
+
+    def _start_clock(self, *args) -> None:
+        self._mark = time.perf_counter()
+
     def after_log(self, trainer, step, logs):
         now = time.perf_counter()
         self.training_seconds += now - self._mark
-        self.marks.append((step, now))
+        self.marks.append((step, self.training_seconds))
         self._mark = now
 
-    def after_eval(self, trainer, *args):
-        self._mark = time.perf_counter()
-
-    after_checkpoint = after_eval
+    before_eval = before_checkpoint = _stop_clock
+    after_eval = after_checkpoint = _start_clock
 
     @property
     def steps_per_sec(self) -> float:

@@ -152,12 +152,14 @@ class Trainer:
         """Mean loss and accuracy over a whole split (`validation` or `test`), dropout off."""
         prefix = METRIC_PREFIXES[split]
         images, labels = getattr(self.splits, f"{split}_images"), getattr(self.splits, f"{split}_labels")
+        step = int(self.global_step.numpy())
+        for hook in self.hooks:
+            hook.before_eval(self, step, prefix)
         for metric in (self.eval_loss, self.eval_accuracy):
             metric.reset_state()
         for features, batch_labels in eval_input_fn(images, labels, self.cfg.data.eval_batch_size):
             self._eval_batch(features, batch_labels)
         metrics = {f"{prefix}/{m.name}": float(m.result()) for m in (self.eval_loss, self.eval_accuracy)}
-        step = int(self.global_step.numpy())
         for hook in self.hooks:
             hook.after_eval(self, step, prefix, metrics)
         return metrics

@@ -44,8 +44,6 @@ class ChunkTimer(TrainingTimer):
     """A TrainingTimer that also keeps each log interval's steps and training seconds.
 
     The first interval holds the tracing of the training step; comparing it with the others measures it.
-    Every evaluation and checkpoint must fall on a log point (trainer.log_every dividing eval_every and
-    checkpoint_every), or an interval's steps would not match its seconds.
     """
 
     def __init__(self) -> None:

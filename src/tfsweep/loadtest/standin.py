@@ -121,6 +121,8 @@ class StandInTrainer:
                 if step % t.eval_every == 0 or at_end:
                     evaluation = {"val/loss": 1 - accuracy, "val/accuracy": accuracy}
                     for hook in self.hooks:
+                        hook.before_eval(self, step, "val")
+                    for hook in self.hooks:
                         hook.after_eval(self, step, "val", evaluation)
                     metrics.update(evaluation)
                 if step % t.checkpoint_every == 0 or at_end:
