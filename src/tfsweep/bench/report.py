@@ -75,11 +75,12 @@ def _fast_preset_seeds(d: dict, result: dict) -> str:
 
 
 def _default_sweep(d: dict, result: dict) -> str:
+    best = "no trial finished"
+    if d["best_params"]:
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d["best_params"].items())
+        best = f"best val accuracy {pct(d['best_value'])}, {params}"
     return (f"{d['wall_seconds']:.0f} s from an empty study; {d['n_complete']} complete, {d['n_pruned']} pruned "
-            f"({d['pruner']}), {d['n_failed']} failed of {d['n_trials']} trials of {d['trial_steps']} steps; "
-            + (f"best val accuracy {pct(d['best_value'])}, " + " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d["best_params"].items())
-               if d["best_params"] else "no trial finished"))
+            f"({d['pruner']}), {d['n_failed']} failed of {d['n_trials']} trials of {d['trial_steps']} steps; {best}")
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,9 @@ def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
         plot_path = results_dir / f"{stamp}-{result['mode']}-accuracy-vs-time.png"
         plot(result["curves"], plot_path)
         result["plot"] = plot_path.name
+    for row in ROWS:  # the goals as the table states them: ROWS is their one source
+        if measured := result["rows"].get(row.key):
+            measured["goal"] = row.text("goal", measured["detail"])
     result["table"] = table(result)
     write_atomically(path, json.dumps(result, indent=2, default=_jsonable))
     return path

@@ -96,10 +96,10 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
     median_sps = {name: statistics.median(values) for name, values in sps.items()}
     rows = result["rows"]
     rows["trainer_vs_keras"] = {
-        "value": median_ratio(sps["trainer"], sps["keras_fit"]), "goal": ">= 1.0",
+        "value": median_ratio(sps["trainer"], sps["keras_fit"]),
         "detail": {"trainer_steps_per_sec": median_sps["trainer"], "keras_fit_steps_per_sec": median_sps["keras_fit"]}}
     rows["bfloat16_vs_float32"] = {
-        "value": median_ratio(sps["trainer_bfloat16"], sps["trainer"]), "goal": ">= 1.8",
+        "value": median_ratio(sps["trainer_bfloat16"], sps["trainer"]),
         "detail": {"bfloat16_steps_per_sec": median_sps["trainer_bfloat16"],
                    "float32_steps_per_sec": median_sps["trainer"]}}
     wall = {name: [r["wall_seconds"] for r in runs[name]] for name in ("trainer", "trainer_untracked")}
@@ -107,7 +107,7 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
     fixed = statistics.median(np.subtract(wall["trainer"], wall["trainer_untracked"]))
     default_steps = compose_config("train", [f"paths.output_dir={ws.root / 'unused'}"]).trainer.steps
     rows["tracking_overhead"] = {
-        "value": loop_overhead, "goal": "< 0.02",
+        "value": loop_overhead,
         "detail": {"whole_run_overhead": median_ratio(wall["trainer"], wall["trainer_untracked"]) - 1,
                    "per_run_seconds": fixed,
                    "projected_overhead_default_run": loop_overhead + fixed * median_sps["trainer_untracked"]
@@ -120,7 +120,7 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
                                for name in ("trainer", "trainer_bfloat16"))
     peak = result["machine"]["float32_peak_flops"]
     rows["hardware_efficiency"] = {
-        "value": achieved / matmul, "goal": "report",
+        "value": achieved / matmul,
         "detail": {"flops_per_example": flops_per_example, "trainer_float32_flops": achieved,
                    "trainer_bfloat16_flops": achieved_bf16, "matmul_float32_flops": matmul,
                    "matmul_size": settings.matmul_size, "fraction_of_peak": achieved / peak,
@@ -146,7 +146,7 @@ def accuracy_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> 
         "accuracy_difference_points": 100 * (fast["test/accuracy"] - fast_float32["test/accuracy"])})
     speedup = None if fast_seconds is None else (tutorial_seconds or budget_seconds) / fast_seconds
     rows["time_to_accuracy"] = {
-        "value": speedup, "goal": "report",
+        "value": speedup,
         "detail": {"fast_seconds_to_99.0": fast_seconds, "tutorial_seconds_to_97.3": tutorial_seconds,
                    "tutorial_budget_seconds": budget_seconds,
                    "tutorial_accuracy_at_budget": tutorial["points"][-1][2],
@@ -177,7 +177,7 @@ def fast_seed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) ->
     to_target = {side: [r["seconds_to_99.0"] for r in runs[side]] for side in sides}
     reached = all(s is not None for times_ in to_target.values() for s in times_)
     result["rows"]["fast_preset_seeds"] = {
-        "value": min(r["test_accuracy"] for r in runs["schedule"]), "goal": "report",
+        "value": min(r["test_accuracy"] for r in runs["schedule"]),
         "detail": {"seeds": list(settings.fast_seeds), "runs": runs,
                    "seeds_at_99.0": sum(r["test_accuracy"] >= FAST_TARGET for r in runs["schedule"]),
                    "time_to_99.0_ratio": median_ratio(to_target["schedule"], to_target["constant"]) if reached else None}}
@@ -215,18 +215,17 @@ def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] 
     phases = overhead.breakdown(clock.trials)
     return {
         "default_sweep": {
-            "value": on["best_test_accuracy"], "goal": "≥ 99.3% in ≤ 600 s",
+            "value": on["best_test_accuracy"],
             "detail": {"n_trials": cfg.sweep.n_trials, "trial_steps": cfg.trainer.steps,
                        **{key: on[key] for key in ("wall_seconds", "pruner", "n_complete", "n_pruned", "n_failed",
                                                    "best_value", "best_params", "best_test_accuracy")}}},
         "pruning": {
-            "value": on["wall_seconds"] / off["wall_seconds"], "goal": "report",
+            "value": on["wall_seconds"] / off["wall_seconds"],
             "detail": {side: {key: outcome[key] for key in ("pruner", "wall_seconds", "n_complete", "n_pruned",
                                                              "n_failed", "best_value", "best_params")}
                        for side, outcome in outcomes.items()}},
         "sweep_overhead": {
             "value": statistics.median([(t["seconds"] - t["training_seconds"]) / t["seconds"] for t in trials]),
-            "goal": "report",
             "detail": {"median_trial_seconds": statistics.median([t["seconds"] for t in trials]),
                        "median_overhead_seconds": statistics.median(
                            [t["seconds"] - t["training_seconds"] for t in trials]),
@@ -235,6 +234,5 @@ def sweep_rows(settings: Settings, root: Path, extra_overrides: tuple[str, ...] 
         "trial_overhead": {
             "value": sum(r["outside_seconds"] for r in phases["per_trial"])
             / sum(r["wall_seconds"] for r in phases["per_trial"]),
-            "goal": "<= 0.10",
             "detail": {"trial_steps": cfg.trainer.steps, **phases}},
     }
