@@ -257,7 +257,9 @@ def test_pruner_replay_of_the_recorded_default_sweep_backs_the_pruner_it_chose(c
     from tfsweep.bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-02T1745-default-sweep-unpruned.journal.log"
-    replay.main(["sweep.study_name=replay-none", f"sweep.storage={journal}"])
+    # the 16-trial, 1,500-step default sweep of 2026-12-02, replayed with the settings it ran with
+    replay.main(["sweep.study_name=replay-none", f"sweep.storage={journal}", "trainer.steps=1500",
+                 "trainer.eval_every=250"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "replay-none: 16 finished trials of 1500 steps, 2639 s, best 0.9938"
     rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[1:]}

@@ -23,7 +23,7 @@ from tfsweep import study as studies
 from tfsweep.errors import UserError
 from tfsweep.journal import DamagedJournalError, check_journal
 from tfsweep.sweep import run_sweep
-from tfsweep.sweep_config import ParamSpec, SweepConfig, compose_sweep
+from tfsweep.sweep_config import ParamSpec, SweepConfig, build, check, compose_sweep
 
 EXPERIMENT = "mnist-cnn"  # tracking.experiment_name for data=mnist, model=cnn
 
@@ -47,6 +47,18 @@ def runs(tmp: Path, role: str, study: str = "tiny") -> list:
     return client.search_runs([experiment.experiment_id], f"tags.`sweep.role` = '{role}' and "
                               f"tags.`sweep.study_name` = '{study}'", max_results=1000)
 
+
+
+@pytest.mark.parametrize("definition", sorted(p.stem for p in (PROJECT_DIR / "sweeps").glob("*.yaml")))
+@pytest.mark.parametrize("sampler", sorted(p.stem for p in (PROJECT_DIR / "sweeps" / "sampler").glob("*.yaml")))
+def test_every_sweep_definition_builds_with_every_sampler(definition, sampler):
+    # A sweep file that set a TPE-only key under sweep.sampler broke `sweeps/sampler=random` with it.
+    cfg = compose_sweep([f"sweeps={definition}", f"sweeps/sampler={sampler}"])
+    sweep = check(cfg)
+    built = build("sampler", sweep.sampler, seed=sweep.seed)
+    assert type(built).__name__.lower().startswith(sampler)
+    if sampler == "tpe":  # its random start is tied to the budget: 16 trials 6, 10 trials 4, 6 trials 3
+        assert built._n_startup_trials == {16: 6, 10: 4, 6: 3, 5: 3}[sweep.n_trials]  # noqa: SLF001
 
 def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_validation_curve(tmp_path):
     cfg = sweep_cfg(tmp_path, "sweep.n_trials=3", "tracking.log_checkpoints=true")

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from tfsweep.data import load_splits
 from tfsweep.errors import ConfigError, NonFiniteLossError, UserError
 from tfsweep.hooks import Hook
-from tfsweep.inputs import train_input_fn
+from tfsweep.inputs import eval_input_fn, train_input_fn
 from tfsweep.trainer import Trainer
 from tfsweep.training import evaluate_checkpoint, train
 
@@ -106,6 +106,16 @@ def test_features_are_scaled_to_unit_range(make_cfg):
     features, labels = next(iter(train_input_fn(splits.train_images, splits.train_labels, 20, 0, 100)))
     assert features.dtype == tf.float32 and features.shape == (20, 28, 28) and labels.shape == (20,)
     assert float(tf.reduce_min(features)) >= 0.0 and float(tf.reduce_max(features)) == 1.0
+
+
+def test_input_pipelines_run_without_the_autotuner_whose_thread_delays_deleting_an_iterator(make_cfg):
+    # With autotuning on, a trial's end waited up to 20 s for the autotuner's sleeping thread (a sweep
+    # trial's wall time against its MLflow run's, 2026-12-03); tens of seconds of running make it show.
+    splits = load_splits(make_cfg().data)
+    for dataset in (train_input_fn(splits.train_images, splits.train_labels, 20, 0, 100),
+                    eval_input_fn(splits.test_images, splits.test_labels, 20)):
+        assert dataset.options().autotune.enabled is False
+        assert len(list(dataset.take(2))) == 2
 
 
 def test_nan_loss_from_the_start_says_no_checkpoint_exists_and_saves_none(make_cfg):

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
+PREFETCH = 2  # batches ready ahead of the training step
 
 
 def _batches_of(indices: tf.data.Dataset, images: np.ndarray, labels: np.ndarray | None) -> tf.data.Dataset:
@@ -21,7 +22,13 @@ def _batches_of(indices: tf.data.Dataset, images: np.ndarray, labels: np.ndarray
         features = tf.cast(tf.gather(images_t, idx), tf.float32) / 255.0  # [batch, 28, 28]
         return features if labels_t is None else (features, tf.gather(labels_t, idx))
 
-    return indices.map(gather, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    # No tf.data autotuning: deleting an iterator joins the autotuner's thread, which sleeps for up to a
+    # minute between rounds, and a sweep trial sat idle for up to 20 s at its end. Without it, AUTOTUNE
+    # maps on one call per core, and a gather of a few hundred images is far ahead of a training step.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return (indices.map(gather, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(PREFETCH)
+            .with_options(options))
 
 
 def train_input_fn(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,

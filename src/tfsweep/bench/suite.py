@@ -81,7 +81,10 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
     from tfsweep.data import load_splits
     from tfsweep.model import build_network, training_flops_per_example
 
-    speed = ("trainer.evaluate_test=false", f"trainer.steps={settings.speed_steps}")
+    # One validation pass, at the end: the tutorial's cadence (2,000 steps apart, 40 log points between),
+    # not a 200-step run's derived every-40, whose metric writes would crowd row 3's timed window.
+    speed = ("trainer.evaluate_test=false", f"trainer.steps={settings.speed_steps}",
+             f"trainer.eval_every={settings.speed_steps}")
     tutorial = ws.config(*speed)
     splits = load_splits(tutorial.data)
     log.info("rows 1-4: %d alternating rounds of %d-step runs", settings.repeats, settings.speed_steps)
