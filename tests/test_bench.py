@@ -135,6 +135,22 @@ def test_table_names_the_machine_and_keeps_row_numbers(tmp_path):
     assert (tmp_path / saved["plot"]).stat().st_size > 0
 
 
+def test_the_sweep_journals_are_kept_beside_the_results_for_a_replay(tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    for side in ("pruned", "none"):
+        (work / f"sweep-{side}").mkdir(parents=True)
+        (work / f"sweep-{side}" / "journal.log").write_text(f'{{"op_code": 0, "side": "{side}"}}\n')
+    (work / "run-001").mkdir()  # a training run's folder holds no journal
+    result = {"mode": "quick", "machine": machine.describe(), "settings": {}, "rows": {},
+              "journals": suite.journals(work)}
+    saved = json.loads(report.save(result, results).read_text())
+    assert set(saved["journals"]) == {"sweep-none", "sweep-pruned"}
+    for side in ("pruned", "none"):
+        kept = results / saved["journals"][f"sweep-{side}"]
+        assert kept.name.endswith(f"-quick-sweep-{side}.journal.log")
+        assert kept.read_text() == f'{{"op_code": 0, "side": "{side}"}}\n'
+
+
 @pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])
 def test_saved_results_still_render_to_their_own_table(path):
     saved = json.loads(path.read_text())

@@ -184,6 +184,10 @@ def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
         plot_path = results_dir / f"{stamp}-{result['mode']}-accuracy-vs-time.png"
         plot(result["curves"], plot_path)
         result["plot"] = plot_path.name
+    for name, text in result.get("journals", {}).items():  # the json names the journal files written
+        journal = results_dir / f"{stamp}-{result['mode']}-{name}.journal.log"
+        write_atomically(journal, text)
+        result["journals"][name] = journal.name
     for row in ROWS:  # the goals as the table states them: ROWS is their one source
         if measured := result["rows"].get(row.key):
             measured["goal"] = row.text("goal", measured["detail"])

@@ -71,6 +71,7 @@ def run(mode: str = "full", with_sweep: bool = True, workdir: Path | None = None
         if with_sweep and "sweep" in groups:
             log.info("rows 6-8 and 10: the default sweep from an empty study with its pruner and with none")
             result["rows"].update(sweep_rows(settings, root))
+            result["journals"] = journals(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return result
@@ -184,6 +185,12 @@ def fast_seed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) ->
         "detail": {"seeds": list(settings.fast_seeds), "runs": runs,
                    "seeds_at_99.0": sum(r["test_accuracy"] >= FAST_TARGET for r in runs["schedule"]),
                    "time_to_99.0_ratio": median_ratio(to_target["schedule"], to_target["constant"]) if reached else None}}
+
+
+def journals(root: Path) -> dict[str, str]:
+    """The sweep rows' Optuna journals by folder (`sweep-pruned`, `sweep-none`), kept with the results
+    so that a pruner can be chosen by replaying the unpruned study (`python -m tfsweep.bench.replay`)."""
+    return {path.parent.name: path.read_text() for path in sorted(root.glob("sweep-*/journal.log"))}
 
 
 def _sweep(overrides: list[str], study_name: str, study_dir: Path, database: Path) -> tuple[DictConfig, dict[str, Any]]:
