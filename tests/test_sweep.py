@@ -48,7 +48,6 @@ def runs(tmp: Path, role: str, study: str = "tiny") -> list:
                               f"tags.`sweep.study_name` = '{study}'", max_results=1000)
 
 
-
 @pytest.mark.parametrize("definition", sorted(p.stem for p in (PROJECT_DIR / "sweeps").glob("*.yaml")))
 @pytest.mark.parametrize("sampler", sorted(p.stem for p in (PROJECT_DIR / "sweeps" / "sampler").glob("*.yaml")))
 def test_every_sweep_definition_builds_with_every_sampler(definition, sampler):
@@ -59,6 +58,7 @@ def test_every_sweep_definition_builds_with_every_sampler(definition, sampler):
     assert type(built).__name__.lower().startswith(sampler)
     if sampler == "tpe":  # its random start is tied to the budget: 16 trials 6, 10 trials 4, 6 trials 3
         assert built._n_startup_trials == {16: 6, 10: 4, 6: 3, 5: 3}[sweep.n_trials]  # noqa: SLF001
+
 
 def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_validation_curve(tmp_path):
     cfg = sweep_cfg(tmp_path, "sweep.n_trials=3", "tracking.log_checkpoints=true")

@@ -184,10 +184,12 @@ def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
         plot_path = results_dir / f"{stamp}-{result['mode']}-accuracy-vs-time.png"
         plot(result["curves"], plot_path)
         result["plot"] = plot_path.name
-    for name, text in result.get("journals", {}).items():  # the json names the journal files written
-        journal = results_dir / f"{stamp}-{result['mode']}-{name}.journal.log"
-        write_atomically(journal, text)
-        result["journals"][name] = journal.name
+    journals = {name: results_dir / f"{stamp}-{result['mode']}-{name}.journal.log"
+                for name in result.get("journals", {})}
+    for name, journal in journals.items():
+        write_atomically(journal, result["journals"][name])
+    if journals:  # the json names the files, not their text
+        result["journals"] = {name: journal.name for name, journal in journals.items()}
     for row in ROWS:  # the goals as the table states them: ROWS is their one source
         if measured := result["rows"].get(row.key):
             measured["goal"] = row.text("goal", measured["detail"])
