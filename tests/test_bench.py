@@ -8,6 +8,7 @@ from tfsweep.bench import machine, overhead, report, runs, suite
 from tfsweep.bench.stats import alternate, median_ratio
 from tfsweep.cpu import read_cpuinfo
 from tfsweep.data import load_splits
+from tfsweep.sweep_config import compose_sweep
 
 RESULTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "bench" / "results").glob("*.json")
                  if "rows" in json.loads(p.read_text()))  # the benchmark's; the load test saves its own there
@@ -266,6 +267,25 @@ def test_pruner_replay_charges_each_trial_the_steps_it_would_have_run():
     cost = [fixed + (33 - fixed) / 3, fixed + (63 - fixed) * 2 / 3, fixed + (33 - fixed) / 3, 33.0]
     assert halving["seconds"] == pytest.approx(sum(cost)) and halving["ratio"] == pytest.approx(sum(cost) / 162)
     assert halving["n_complete"] == 1 and halving["best_value"] == 0.995 and halving["shortfall"] == 0
+
+
+def test_pruner_replay_of_the_unpruned_default_sweep_backs_the_pruner_it_uses(capsys):
+    """The numbers sweeps/pruner/successive_halving.yaml quotes, from the committed unpruned journal of the
+    default sweep as it is now (10 trials of 800 steps, validated every 100)."""
+    from tfsweep.bench import replay
+
+    journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1547-default-sweep-unpruned.journal.log"
+    replay.main(["sweep.study_name=replay-none", f"sweep.storage={journal}", "trainer.eval_every=100"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "replay-none: 10 finished trials of 800 steps, 1029 s, best 0.9938"
+    rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[1:]}
+    halving = compose_sweep(["sweeps=default"]).sweep.pruner
+    chosen = f"min_resource=100 reduction_factor={halving.reduction_factor} bootstrap_count={halving.bootstrap_count}"
+    assert rows[chosen] == ["0.48x", " 2 finished", "best short by 0.0000"]
+    assert rows["min_resource=200 reduction_factor=4 bootstrap_count=2"] == ["0.67x", " 5 finished",
+                                                                             "best short by 0.0000"]
+    assert rows["min_resource=100 reduction_factor=4 bootstrap_count=2"] == ["0.46x", " 1 finished",
+                                                                             "best short by 0.0002"]
 
 
 def test_pruner_replay_of_the_recorded_default_sweep_backs_the_pruner_it_chose(capsys):

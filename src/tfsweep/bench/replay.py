@@ -24,15 +24,16 @@ FIXED_SECONDS = 3.0  # a trial's cost outside training steps (`make bench` row 8
 
 
 def candidates(eval_every: int, steps: int) -> list[dict[str, Any]]:
-    """Pruner configs to compare, with their rungs on the study's evaluations."""
-    halving = [{"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": eval_every,
+    """Pruner configs to compare, with their first rung at the study's first or second evaluation."""
+    first_rungs = [r for r in (eval_every, 2 * eval_every) if r < steps]
+    halving = [{"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": rung,
                 "reduction_factor": factor, "bootstrap_count": bootstrap}
-               for factor in (2, 3, 4, 5) for bootstrap in (0, 1, 2)]
-    return halving + [
-        {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": eval_every, "max_resource": steps,
-         "reduction_factor": 3},
-        {"_target_": "optuna.pruners.PercentilePruner", "percentile": 33.0, "n_startup_trials": 1,
-         "n_warmup_steps": eval_every}]
+               for rung in first_rungs for factor in (2, 3, 4, 5) for bootstrap in (0, 1, 2)]
+    hyperband = [{"_target_": "optuna.pruners.HyperbandPruner", "min_resource": rung, "max_resource": steps,
+                  "reduction_factor": 3} for rung in first_rungs]
+    percentile = [{"_target_": "optuna.pruners.PercentilePruner", "percentile": percent, "n_startup_trials": 1,
+                   "n_warmup_steps": rung} for rung in first_rungs for percent in (25.0, 33.0, 50.0)]
+    return halving + hyperband + percentile
 
 
 def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePruner, steps: int,
