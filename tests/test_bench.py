@@ -267,25 +267,39 @@ def test_pruner_replay_charges_each_trial_the_steps_it_would_have_run():
     cost = [fixed + (33 - fixed) / 3, fixed + (63 - fixed) * 2 / 3, fixed + (33 - fixed) / 3, 33.0]
     assert halving["seconds"] == pytest.approx(sum(cost)) and halving["ratio"] == pytest.approx(sum(cost) / 162)
     assert halving["n_complete"] == 1 and halving["best_value"] == 0.995 and halving["shortfall"] == 0
+    # 0 and 1 each led the study when they ran, and stopped; 2 was behind; 3 led and finished
+    assert none["stopped"] == [] and halving["stopped"] == [0, 1, 2]
+    # with one random trial, 0 is the best before guided trial 1 and 1 the best before 2 and 3: both steer,
+    # and the halving stops both
+    assert replay.steering(trials, startup=1) == [0, 1] and halving["stops_steering"] == [0, 1]
+    assert replay.steering(trials, startup=2) == [1] and replay.steering(trials, startup=4) == []
+    # trials 0 and 1 run to the end; 2 and 3 stop at the first evaluation, a third of the way
+    assert replay.floor(trials, [0, 1], first_step=500, steps=1500) == pytest.approx(
+        (33 + 63 + 2 * (fixed + (33 - fixed) / 3)) / 162)
 
 
-def test_pruner_replay_of_the_unpruned_default_sweep_backs_the_pruner_it_uses(capsys):
+def test_pruner_replay_of_the_default_sweep_shows_which_pruners_it_cannot_predict(capsys):
     """The numbers sweeps/pruner/successive_halving.yaml quotes, from the committed unpruned journal of the
-    default sweep as it is now (10 trials of 800 steps, validated every 100)."""
+    default sweep as it is now (10 trials of 800 steps, here validated every 100)."""
     from tfsweep.bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1547-default-sweep-unpruned.journal.log"
     replay.main(["sweep.study_name=replay-none", f"sweep.storage={journal}", "trainer.eval_every=100"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "replay-none: 10 finished trials of 800 steps, 1029 s, best 0.9938"
-    rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[1:]}
+    # 3, 5 and 6 are the best so far when guided trials 4-9 are drawn (0 is passed during the random start):
+    # letting them finish and stopping every other trial at step 100 would cost 0.43x
+    assert lines[1] == "0.43x at least for a pruner that stops no trial steering the sampler (steering: 3, 5, 6)"
+    rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:4] for line in lines[2:]}
     halving = compose_sweep(["sweeps=default"]).sweep.pruner
-    chosen = f"min_resource=100 reduction_factor={halving.reduction_factor} bootstrap_count={halving.bootstrap_count}"
-    assert rows[chosen] == ["0.48x", " 2 finished", "best short by 0.0000"]
-    assert rows["min_resource=200 reduction_factor=4 bootstrap_count=2"] == ["0.67x", " 5 finished",
-                                                                             "best short by 0.0000"]
-    assert rows["min_resource=100 reduction_factor=4 bootstrap_count=2"] == ["0.46x", " 1 finished",
-                                                                             "best short by 0.0002"]
+    chosen = (f"min_resource=200 reduction_factor={halving.reduction_factor} "
+              f"bootstrap_count={halving.bootstrap_count}")
+    assert rows[chosen] == ["0.67x", " 5 finished", "best short by 0.0000", "stops steering: none"]
+    # cheaper on paper, but it stops steering trials 3 and 5: run, it pruned all 10 trials
+    assert rows["min_resource=100 reduction_factor=5 bootstrap_count=2"] == [
+        "0.48x", " 2 finished", "best short by 0.0000", "stops steering: 3, 5"]
+    assert rows["min_resource=100 reduction_factor=2 bootstrap_count=0"] == [
+        "0.59x", " 4 finished", "best short by 0.0000", "stops steering: none"]
 
 
 def test_pruner_replay_of_the_recorded_default_sweep_backs_the_pruner_it_chose(capsys):
@@ -298,7 +312,7 @@ def test_pruner_replay_of_the_recorded_default_sweep_backs_the_pruner_it_chose(c
                  "trainer.eval_every=250"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "replay-none: 16 finished trials of 1500 steps, 2639 s, best 0.9938"
-    rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[1:]}
+    rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[2:]}
     assert rows["min_resource=250 reduction_factor=4 bootstrap_count=2"] == ["0.47x", " 3 finished",
                                                                              "best short by 0.0000"]
     assert rows["min_resource=250 reduction_factor=3 bootstrap_count=0"] == ["0.59x", " 6 finished",

@@ -3,9 +3,17 @@
 
 Each finished trial of the study is fed, in its order, into a new in-memory study with the candidate
 pruner (Optuna's own `prune`), reporting its recorded curve until the pruner stops it. A trial that stops
-at step s of S is charged its fixed cost plus (s / S) of the rest of its measured duration. The sampler's
-proposals are the unpruned study's, so a real pruned study (which TPE steers by what was pruned) can
-differ: `make bench` row 6 measures the chosen pruner for real.
+at step s of S is charged its fixed cost plus (s / S) of the rest of its measured duration.
+
+The sampler's proposals are the unpruned study's. A real pruned study draws the same ones only while the
+trials that steer TPE finish: its guided proposals follow the best finished trial (its "good" group is the
+top 10%, one trial in a 10-trial study), so a trial that is the best of those before a guided trial must
+run to the end, or the study's later trials differ from the replayed ones and the replay no longer
+predicts it. Each row lists the steering trials it stops, and the first line the least that a pruner
+which stops none can cost. A first-rung-100, factor-5 successive halving that stopped steering trials 3
+and 5 of the default study replayed at 0.48x with the best kept, and ran with all 10 of its trials pruned
+(bench/results/2026-12-03T1632-full-sweep-pruned.journal.log). `make bench` row 6 measures the chosen
+pruner for real.
 """
 
 from __future__ import annotations
@@ -38,10 +46,11 @@ def candidates(eval_every: int, steps: int) -> list[dict[str, Any]]:
 
 def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePruner, steps: int,
            direction: str | optuna.study.StudyDirection = "maximize") -> dict[str, Any]:
-    """The cost (seconds) of `trials` under `pruner`, how many it lets finish, and the best of those."""
+    """The cost (seconds) of `trials` under `pruner`, how many it lets finish, the best of those, and the
+    numbers of the trials it stops."""
     # a fixed name: HyperbandPruner picks a trial's bracket by hashing the study name with the trial number
     study = optuna.create_study(study_name="replay", direction=direction, pruner=pruner)
-    seconds = 0.0
+    seconds, stopped = 0.0, []
     for recorded in trials:
         trial = study.ask()
         reached = steps
@@ -50,6 +59,8 @@ def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePr
             if step < steps and trial.should_prune():  # as the sweep's trials ask: never at the last step
                 reached = step
                 break
+        if reached < steps:
+            stopped.append(recorded.number)
         duration = recorded.duration.total_seconds()
         seconds += FIXED_SECONDS + max(0.0, duration - FIXED_SECONDS) * reached / steps
         if reached == steps:
@@ -57,20 +68,46 @@ def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePr
         else:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return {"seconds": seconds, "n_complete": len(finished), "best_value": study.best_value if finished else None}
+    return {"seconds": seconds, "n_complete": len(finished), "best_value": study.best_value if finished else None,
+            "stopped": stopped}
+
+
+def steering(trials: list[optuna.trial.FrozenTrial], startup: int,
+             direction: str | optuna.study.StudyDirection = "maximize") -> list[int]:
+    """The trials that are the best of all before them when a guided trial (number >= `startup`) is drawn."""
+    maximize = direction in ("maximize", optuna.study.StudyDirection.MAXIMIZE)
+    best, steer = None, []
+    for k, recorded in enumerate(trials):
+        if best is not None and k >= startup and best.number not in steer:
+            steer.append(best.number)
+        if best is None or (recorded.value > best.value if maximize else recorded.value < best.value):
+            best = recorded
+    return steer
+
+
+def floor(trials: list[optuna.trial.FrozenTrial], steer: list[int], first_step: int, steps: int) -> float:
+    """The least that a pruner which stops no steering trial can cost, as a fraction of no pruning: those
+    trials run to the end, every other one stops at `first_step`."""
+    def cost(t: optuna.trial.FrozenTrial, share: float) -> float:
+        return FIXED_SECONDS + max(0.0, t.duration.total_seconds() - FIXED_SECONDS) * share
+
+    return (sum(cost(t, 1 if t.number in steer else first_step / steps) for t in trials)
+            / sum(cost(t, 1) for t in trials))
 
 
 def compare(trials: list[optuna.trial.FrozenTrial], pruners: list[dict[str, Any]], steps: int,
-            direction: str | optuna.study.StudyDirection = "maximize") -> list[dict[str, Any]]:
+            direction: str | optuna.study.StudyDirection = "maximize", startup: int = 0) -> list[dict[str, Any]]:
     """One row per pruner config: its replay, its cost as a fraction of the unpruned study's (the replay
-    under Optuna's NopPruner), and how far its best value falls short of the unpruned best."""
+    under Optuna's NopPruner), how far its best value falls short of the unpruned best, and the steering
+    trials it stops (TPE's guided trials start at number `startup`)."""
+    steer = steering(trials, startup, direction)
     unpruned = replay(trials, optuna.pruners.NopPruner(), steps, direction)
     rows = []
     for spec in pruners:
         result = replay(trials, instantiate(OmegaConf.create(spec)), steps, direction)
         shortfall = None if result["best_value"] is None else abs(unpruned["best_value"] - result["best_value"])
         rows.append({"pruner": spec, **result, "ratio": result["seconds"] / unpruned["seconds"],
-                     "shortfall": shortfall})
+                     "shortfall": shortfall, "stops_steering": [n for n in result["stopped"] if n in steer]})
     return rows
 
 
@@ -82,12 +119,19 @@ def main(overrides: list[str]) -> None:
     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     print(f"{sweep.study_name}: {len(trials)} finished trials of {cfg.trainer.steps} steps, "
           f"{sum(t.duration.total_seconds() for t in trials):.0f} s, best {study.best_value:.4f}")
+    # a sampler without a random start (RandomSampler) is never steered
+    startup = cfg.sweep.sampler.get("n_startup_trials", len(trials))
+    steer = steering(trials, startup, study.direction)
+    print(f"{floor(trials, steer, cfg.trainer.eval_every, cfg.trainer.steps):.2f}x at least for a pruner that "
+          f"stops no trial steering the sampler (steering: {', '.join(map(str, steer)) or 'none'})")
     for row in compare(trials, candidates(cfg.trainer.eval_every, cfg.trainer.steps), cfg.trainer.steps,
-                       study.direction):
+                       study.direction, startup):
         spec = " ".join(f"{k}={v}" for k, v in row["pruner"].items() if k != "_target_")
         name = row["pruner"]["_target_"].rsplit(".", 1)[-1]
         shortfall = "n/a" if row["shortfall"] is None else f"{row['shortfall']:.4f}"
-        print(f"{row['ratio']:.2f}x  {row['n_complete']:2d} finished  best short by {shortfall}  {name} {spec}")
+        stops = ", ".join(map(str, row["stops_steering"])) or "none"
+        print(f"{row['ratio']:.2f}x  {row['n_complete']:2d} finished  best short by {shortfall}  "
+              f"stops steering: {stops}  {name} {spec}")
 
 
 if __name__ == "__main__":
