@@ -44,6 +44,12 @@ def candidates(eval_every: int, steps: int) -> list[dict[str, Any]]:
     return halving + hyperband + percentile
 
 
+def charge(recorded: optuna.trial.FrozenTrial, share: float) -> float:
+    """The seconds `recorded` costs when it runs `share` of its steps: its fixed cost plus that share of the
+    rest of its measured duration."""
+    return FIXED_SECONDS + max(0.0, recorded.duration.total_seconds() - FIXED_SECONDS) * share
+
+
 def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePruner, steps: int,
            direction: str | optuna.study.StudyDirection = "maximize") -> dict[str, Any]:
     """The cost (seconds) of `trials` under `pruner`, how many it lets finish, the best of those, and the
@@ -59,14 +65,12 @@ def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePr
             if step < steps and trial.should_prune():  # as the sweep's trials ask: never at the last step
                 reached = step
                 break
-        if reached < steps:
-            stopped.append(recorded.number)
-        duration = recorded.duration.total_seconds()
-        seconds += FIXED_SECONDS + max(0.0, duration - FIXED_SECONDS) * reached / steps
+        seconds += charge(recorded, reached / steps)
         if reached == steps:
             study.tell(trial, recorded.value)
         else:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            stopped.append(recorded.number)
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     return {"seconds": seconds, "n_complete": len(finished), "best_value": study.best_value if finished else None,
             "stopped": stopped}
@@ -88,11 +92,8 @@ def steering(trials: list[optuna.trial.FrozenTrial], startup: int,
 def floor(trials: list[optuna.trial.FrozenTrial], steer: list[int], first_step: int, steps: int) -> float:
     """The least that a pruner which stops no steering trial can cost, as a fraction of no pruning: those
     trials run to the end, every other one stops at `first_step`."""
-    def cost(t: optuna.trial.FrozenTrial, share: float) -> float:
-        return FIXED_SECONDS + max(0.0, t.duration.total_seconds() - FIXED_SECONDS) * share
-
-    return (sum(cost(t, 1 if t.number in steer else first_step / steps) for t in trials)
-            / sum(cost(t, 1) for t in trials))
+    return (sum(charge(t, 1 if t.number in steer else first_step / steps) for t in trials)
+            / sum(charge(t, 1) for t in trials))
 
 
 def compare(trials: list[optuna.trial.FrozenTrial], pruners: list[dict[str, Any]], steps: int,
