@@ -189,14 +189,15 @@ def test_breakdown_adds_up_to_the_wall_time():
 
 def test_sweep_rows_time_every_trial_by_phase(tmp_path):
     shrink = [o for o in tiny_overrides(tmp_path) if "pruner" not in o]  # the pruning row sets its own
-    rows = suite.sweep_rows(suite.MODES["quick"], tmp_path, (*shrink, "sweep.n_trials=2", "tracking.log_checkpoints=true"))
-    assert rows["pruning"]["detail"]["none"]["n_complete"] == 2
+    # one trial: successive halving stops the first trial at a rung, so the pruned side has none finished
+    rows = suite.sweep_rows(suite.MODES["quick"], tmp_path, (*shrink, "sweep.n_trials=1", "tracking.log_checkpoints=true"))
+    assert rows["pruning"]["detail"]["none"]["n_complete"] == 1
     detail = rows["trial_overhead"]["detail"]
-    assert detail["trials_measured"] == 4 and detail["trial_steps"] == 30
-    assert [t["study"] for t in detail["per_trial"]] == ["bench-pruned"] * 2 + ["bench-none"] * 2
+    assert detail["trials_measured"] == 2 and detail["trial_steps"] == 30
+    assert [t["study"] for t in detail["per_trial"]] == ["bench-pruned", "bench-none"]
     for trial in detail["per_trial"]:
         # steps 30, eval_every 10, checkpoint_every 10: each phase is seen as often as the trainer runs it
-        # (successive halving stops the first two trials at its first rung, step 10: one evaluation each)
+        # (successive halving stops the pruned side's trial at its first rung, step 10: one evaluation)
         evaluations = 3 if trial["study"] == "bench-none" else 1
         assert trial["calls"]["evaluations"] == evaluations and trial["calls"]["checkpoint_saves"] == evaluations
         assert trial["calls"]["model_build"] == 1 and trial["calls"]["clear_keras"] == 1
@@ -212,11 +213,11 @@ def test_sweep_rows_time_every_trial_by_phase(tmp_path):
     # row 10 is the pruned side, `make sweep` as a user runs it: its time, and its pick's test accuracy
     default, pruned = rows["default_sweep"], rows["pruning"]["detail"]["pruned"]
     assert default["detail"]["wall_seconds"] == pruned["wall_seconds"] and default["detail"]["pruner"] == pruned["pruner"]
-    assert default["detail"]["best_params"] == pruned["best_params"] == {} and pruned["n_pruned"] == 2
+    assert default["detail"]["best_params"] == pruned["best_params"] == {} and pruned["n_pruned"] == 1
     assert default["value"] is default["detail"]["best_test_accuracy"] is None  # no trial finished
     line = table_row("default_sweep").measured(default["detail"], {})
-    assert line.endswith("failed of 2 trials of 30 steps; no trial finished")
-    assert default["detail"]["n_trials"] == 2 and 0 <= rows["pruning"]["detail"]["none"]["best_value"] <= 1
+    assert line.endswith("failed of 1 trials of 30 steps; no trial finished")
+    assert default["detail"]["n_trials"] == 1 and 0 <= rows["pruning"]["detail"]["none"]["best_value"] <= 1
 
 
 def test_fast_preset_row_alternates_seeds_and_counts_the_seeds_at_99(make_cfg, synthetic_data, tmp_path):
@@ -278,23 +279,23 @@ def test_pruner_replay_charges_each_trial_the_steps_it_would_have_run():
         (33 + 63 + 2 * (fixed + (33 - fixed) / 3)) / 162)
 
 
-def test_pruner_replay_of_the_default_sweep_shows_which_pruners_it_cannot_predict(capsys):
-    """The numbers sweeps/pruner/successive_halving.yaml quotes, from the committed unpruned journal of the
-    default sweep as it is now (10 trials of 800 steps, here validated every 100)."""
+def test_pruner_replay_of_a_tpe_sweep_shows_which_pruners_it_cannot_predict(capsys):
+    """The numbers sweeps/default.yaml quotes for TPE, from the committed unpruned journal of the default
+    sweep under TPE, with the learning rate from 3e-4 (10 trials of 800 steps, validated every 100)."""
     from tfsweep.bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1547-default-sweep-unpruned.journal.log"
-    replay.main(["sweep.study_name=replay-none", f"sweep.storage={journal}", "trainer.eval_every=100"])
+    replay.main(["sweeps/sampler=tpe", "sweep.study_name=replay-none", f"sweep.storage={journal}",
+                 "trainer.eval_every=100"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "replay-none: 10 finished trials of 800 steps, 1029 s, best 0.9938"
     # 3, 5 and 6 are the best so far when guided trials 4-9 are drawn (0 is passed during the random start):
     # letting them finish and stopping every other trial at step 100 would cost 0.43x
     assert lines[1] == "0.43x at least for a pruner that stops no trial steering the sampler (steering: 3, 5, 6)"
     rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:4] for line in lines[2:]}
-    halving = compose_sweep(["sweeps=default"]).sweep.pruner
-    chosen = (f"min_resource=200 reduction_factor={halving.reduction_factor} "
-              f"bootstrap_count={halving.bootstrap_count}")
-    assert rows[chosen] == ["0.67x", " 5 finished", "best short by 0.0000", "stops steering: none"]
+    # the pruner the default ran TPE with (0.66x run): it stops none of them
+    assert rows["min_resource=200 reduction_factor=4 bootstrap_count=2"] == [
+        "0.67x", " 5 finished", "best short by 0.0000", "stops steering: none"]
     # cheaper on paper, but it stops steering trials 3 and 5: run, it pruned all 10 trials
     assert rows["min_resource=100 reduction_factor=5 bootstrap_count=2"] == [
         "0.48x", " 2 finished", "best short by 0.0000", "stops steering: 3, 5"]
@@ -302,14 +303,38 @@ def test_pruner_replay_of_the_default_sweep_shows_which_pruners_it_cannot_predic
         "0.59x", " 4 finished", "best short by 0.0000", "stops steering: none"]
 
 
-def test_pruner_replay_of_the_recorded_default_sweep_backs_the_pruner_it_chose(capsys):
-    """The numbers sweeps/pruner/successive_halving.yaml quotes, from the committed unpruned journal."""
+def test_pruner_replay_of_the_default_random_sweep_backs_its_pruner(capsys):
+    """The numbers sweeps/pruner/successive_halving.yaml quotes, from the committed unpruned journal of the
+    default sweep (10 random trials of 800 steps, validated every 100 so that rungs at 100 replay too)."""
+    from tfsweep.bench import replay
+
+    journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1853-default-sweep-unpruned.journal.log"
+    replay.main(["sweep.study_name=random-none-lr", f"sweep.storage={journal}", "trainer.eval_every=100"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "random-none-lr: 10 finished trials of 800 steps, 457 s, best 0.9936"
+    # random draws follow no trial, so the replay is what the pruned study runs
+    assert lines[1].endswith("(steering: none)")
+    rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[2:]}
+    halving = compose_sweep(["sweeps=default"]).sweep.pruner
+    chosen = f"min_resource=200 reduction_factor={halving.reduction_factor} bootstrap_count={halving.bootstrap_count}"
+    assert rows[chosen] == ["0.39x", " 1 finished", "best short by 0.0000"]
+    assert rows["min_resource=200 reduction_factor=4 bootstrap_count=2"] == ["0.50x", " 2 finished",
+                                                                             "best short by 0.0000"]
+    # a first rung at 100: no trial finishes with a bootstrap, and without one the factor of 4 costs more
+    assert rows["min_resource=100 reduction_factor=5 bootstrap_count=1"][1:] == [" 0 finished", "best short by n/a"]
+    assert rows["min_resource=100 reduction_factor=4 bootstrap_count=0"] == ["0.40x", " 2 finished",
+                                                                             "best short by 0.0000"]
+
+
+def test_pruner_replay_of_the_16_trial_tpe_sweep_gives_the_figures_of_its_time(capsys):
+    """The figures a factor of 4 with a bootstrap of 2 was chosen by on 2026-12-02, when the default sweep was
+    16 TPE trials of 1,500 steps, from its committed unpruned journal."""
     from tfsweep.bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-02T1745-default-sweep-unpruned.journal.log"
     # the 16-trial, 1,500-step default sweep of 2026-12-02, replayed with the settings it ran with
-    replay.main(["sweep.study_name=replay-none", f"sweep.storage={journal}", "trainer.steps=1500",
-                 "trainer.eval_every=250"])
+    replay.main(["sweeps/sampler=tpe", "sweep.study_name=replay-none", f"sweep.storage={journal}",
+                 "trainer.steps=1500", "trainer.eval_every=250"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "replay-none: 16 finished trials of 1500 steps, 2639 s, best 0.9938"
     rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[2:]}
