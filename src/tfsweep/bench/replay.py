@@ -5,15 +5,16 @@ Each finished trial of the study is fed, in its order, into a new in-memory stud
 pruner (Optuna's own `prune`), reporting its recorded curve until the pruner stops it. A trial that stops
 at step s of S is charged its fixed cost plus (s / S) of the rest of its measured duration.
 
-The sampler's proposals are the unpruned study's. A real pruned study draws the same ones only while the
-trials that steer TPE finish: its guided proposals follow the best finished trial (its "good" group is the
+The sampler's proposals are the unpruned study's. Under the default's RandomSampler they depend on nothing
+else, and the replay is the pruned study. Under TPE a real pruned study draws the same ones only while the
+trials that steer it finish: its guided proposals follow the best finished trial (its "good" group is the
 top 10%, one trial in a 10-trial study), so a trial that is the best of those before a guided trial must
 run to the end, or the study's later trials differ from the replayed ones and the replay no longer
 predicts it. Each row lists the steering trials it stops, and the first line the least that a pruner
 which stops none can cost. A first-rung-100, factor-5 successive halving that stopped steering trials 3
-and 5 of the default study replayed at 0.48x with the best kept, and ran with all 10 of its trials pruned
-(bench/results/2026-12-03T1632-full-sweep-pruned.journal.log). `make bench` row 6 measures the chosen
-pruner for real.
+and 5 of the default study under TPE replayed at 0.48x with the best kept, and ran with all 10 of its
+trials pruned (bench/results/2026-12-03T1632-full-sweep-pruned.journal.log). `make bench` row 6 measures
+the chosen pruner for real.
 """
 
 from __future__ import annotations
