@@ -94,6 +94,20 @@ def test_speed_measurements_on_synthetic_data_agree_with_each_other(make_cfg):
     assert 0.1 < ours["steps_per_sec"] / keras_fit["steps_per_sec"] < 10
 
 
+def test_tracked_run_counts_the_metric_batches_sent_while_its_timed_steps_train(make_cfg, tmp_path):
+    cfg = make_cfg(**{"trainer.steps": "40", "trainer.log_every": "10", "trainer.eval_every": "20",
+                      "trainer.evaluate_test": "false"})
+    tracked = runs.trainer_run(cfg)
+    # Timed from the log point at 10 to the one at 40: the loss points of steps 10, 20 and 30 and the
+    # validation at 20 are sent in that window; step 40's loss and validation after it.
+    assert tracked["metric_batches_in_loop"] == 4
+    assert 0 < tracked["metric_batch_cpu_seconds"] < tracked["timed_seconds"] < tracked["wall_seconds"]
+    untracked = runs.trainer_run(make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40",
+                                             "trainer.log_every": "10",
+                                             "paths.output_dir": str(tmp_path / "untracked")}))
+    assert untracked["metric_batches_in_loop"] == 0 and untracked["metric_batch_cpu_seconds"] == 0
+
+
 def test_accuracy_curve_checks_the_test_split_off_the_clock(make_cfg, tmp_path):
     curve = runs.curve_run(make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40",
                                        "trainer.model_dir": str(tmp_path / "curve")}), every=10)

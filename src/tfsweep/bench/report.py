@@ -18,8 +18,8 @@ from tfsweep.processes import write_atomically
 RESULTS_DIR = Path(__file__).resolve().parents[3] / "bench" / "results"
 
 
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+def pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def times(value: float | None) -> str:
@@ -108,7 +108,11 @@ ROWS = (  # numbered in this order; a row not measured (--no-sweep) keeps its nu
         lambda d, result: (
             f"whole {result['settings']['speed_steps']}-step run {pct(d['whole_run_overhead'])} "
             f"({d['per_run_seconds']:.1f} s per run: run creation, params, checkpoints and model upload); "
-            f"projected for the default {d['default_steps']}-step run {pct(d['projected_overhead_default_run'])}")),
+            f"projected for the default {d['default_steps']}-step run {pct(d['projected_overhead_default_run'])}"
+            + ("" if "loop_cpu_fraction" not in d else  # results saved before it was measured
+               f"; rounds {', '.join(pct(v) for v in d['round_overheads'])}; CPU time of the metric batches "
+               f"sent during the timed steps ({d['metric_batches_in_loop']:.0f} a run): "
+               f"{pct(d['loop_cpu_fraction'], 2)} of those steps' time"))),
     Row("hardware_efficiency", "trainer FLOP/s vs a float32 matmul in the same process",
         lambda row: pct(row["value"]), "report",
         lambda d, result: (

@@ -116,7 +116,12 @@ def speed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) -> Non
                    "per_run_seconds": fixed,
                    "projected_overhead_default_run": loop_overhead + fixed * median_sps["trainer_untracked"]
                    / default_steps,
-                   "default_steps": default_steps}}
+                   "default_steps": default_steps,
+                   # what the ratio above cannot resolve below the rounds' spread: tracking's own work
+                   "loop_cpu_fraction": statistics.median(r["metric_batch_cpu_seconds"] / r["timed_seconds"]
+                                                          for r in runs["trainer"]),
+                   "metric_batches_in_loop": statistics.median(r["metric_batches_in_loop"] for r in runs["trainer"]),
+                   "round_overheads": [1 - a / b for a, b in zip(sps["trainer"], sps["trainer_untracked"])]}}
 
     flops_per_example = training_flops_per_example(build_network(tutorial.model, "float32"))
     matmul = machine.matmul_flops(settings.matmul_size)
