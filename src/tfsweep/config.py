@@ -1,4 +1,4 @@
-"""Typed schemas for the Hydra config groups.
+"""The training config: typed schemas for the Hydra config groups, its composition, and its checks.
 
 `train_schema` (the `Config` dataclass) heads `conf/train.yaml`'s defaults list and types every group, so
 an unknown key or a value of the wrong type, on the command line or inside a yaml option, fails when

@@ -1,4 +1,4 @@
-"""MNIST-style data sets: fetch, verify and read the original IDX files, and the input functions.
+"""MNIST-style data sets: fetch, verify and read the original IDX files, and split them (`load_splits`).
 
 Files are cached decompressed under `data.root` and verified by the SHA-256 of their decompressed bytes,
 so a gzip file from a mirror and a raw file from a package check the same way. A file is only ever
