@@ -163,6 +163,34 @@ def test_the_data_set_is_an_input_of_the_run_once_per_split(make_cfg):
     assert digests["train"] != inputs["train"].digest and digests["val"] != inputs["val"].digest
 
 
+def test_a_run_that_loses_the_race_to_store_the_data_set_links_the_stored_one(make_cfg, monkeypatch):
+    """Sweep workers starting trials together: another run stores the data set between this run's lookup
+    and its insert (MLflow's SQL store does one, then the other), so the insert breaks the unique key."""
+    from sqlalchemy.orm import Query
+
+    from mlflow.store.tracking.dbmodels.models import SqlDataset
+
+    first = make_cfg(**{"tracking.log_model": "false"})
+    train(first)
+    client, winner = only_run(first)
+    all_rows, missed = Query.all, []
+
+    def lookup_before_the_other_insert(query):
+        if not missed and query.column_descriptions[0]["entity"] is SqlDataset:
+            missed.append(True)
+            return []  # as seen before the other run's commit
+        return all_rows(query)
+
+    monkeypatch.setattr(Query, "all", lookup_before_the_other_insert)
+    second = make_cfg(**{"tracking.log_model": "false", "paths.output_dir": str(Path(first.paths.output_dir) / "b")})
+    train(second)
+    assert missed
+    [loser] = [r for r in client.search_runs([winner.info.experiment_id]) if r.info.run_id != winner.info.run_id]
+    assert loser.info.status == "FINISHED"
+    assert sorted((e.dataset.name, e.dataset.digest) for e in loser.inputs.dataset_inputs) == sorted(
+        (e.dataset.name, e.dataset.digest) for e in winner.inputs.dataset_inputs)
+
+
 def test_resuming_the_model_dir_continues_the_same_run(make_cfg):
     train(make_cfg(**{"tracking.log_model": "false"}))
     cfg = make_cfg(**{"tracking.log_model": "false", "trainer.steps": "30"})
