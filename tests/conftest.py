@@ -8,44 +8,52 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfsweep.config import CONFIG_DIR, register_configs  # noqa: E402
+from tfsweep import config  # noqa: E402
 from tfsweep.data import SPLIT_FILES, write_idx  # noqa: E402
 
-register_configs()
+config.register_configs()
 
 N_TRAIN, N_TEST, N_VALIDATION = 240, 60, 40
 
 
-def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is a bright 7x7 block at one of 10 places, on noise: easy, but must be learned."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, size=n).astype(np.uint8)
-    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+def synthetic_digits(n: int, rng: np.random.Generator, noise: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    """Digits as a bright 7x7 block whose position encodes the label, under noise: learnable in a few
+    dozen steps, but not at once, so that trials differ."""
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    images = rng.integers(0, noise, size=(n, 28, 28), dtype=np.uint8)
     for image, label in zip(images, labels):
-        row, col = divmod(int(label), 5)
-        image[2 + row * 12: 9 + row * 12, 1 + col * 5: 8 + col * 5] = 255
+        row, col = 2 + 7 * (label // 4), 2 + 6 * (label % 4)
+        image[row:row + 7, col:col + 7] = 255
     return images, labels
+
+
+def write_synthetic(root: Path, names: dict[str, str], n_train: int, n_test: int, seed: int = 0,
+                    noise: int = 90) -> dict[str, str]:
+    """Write a synthetic IDX data set into `root` under `names` (by split); return its SHA-256 by split."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, count in (("train", n_train), ("test", n_test)):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_digits(count, rng, noise)
+    for split in SPLIT_FILES:
+        write_idx(arrays[split], root / names[split])
+    return {split: hashlib.sha256((root / names[split]).read_bytes()).hexdigest() for split in SPLIT_FILES}
 
 
 def make_dataset(root: Path) -> dict[str, str]:
     """Write a tiny IDX data set into `root`; return the Hydra overrides that point `data` at it."""
-    root.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels = synthetic_digits(N_TRAIN, seed=1)
-    test_images, test_labels = synthetic_digits(N_TEST, seed=2)
-    arrays = dict(zip(SPLIT_FILES, (train_images, train_labels, test_images, test_labels)))
+    names = {split: f"synthetic-{split}-idx" for split in SPLIT_FILES}
+    digests = write_synthetic(root, names, N_TRAIN, N_TEST, seed=1, noise=60)
     overrides = {"data.root": str(root), "data.mirrors": "[]", "data.fallback": "none",
                  "data.validation_size": str(N_VALIDATION), "data.batch_size": "20",
                  "data.eval_batch_size": "32"}
-    for split, array in arrays.items():
-        path = root / f"synthetic-{split}-idx"
-        write_idx(array, path)
-        overrides[f"data.{split}.name"] = path.name
-        overrides[f"data.{split}.sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    for split in SPLIT_FILES:
+        overrides[f"data.{split}.name"] = names[split]
+        overrides[f"data.{split}.sha256"] = digests[split]
     return overrides
 
 
@@ -60,9 +68,9 @@ TINY_TRAINING = {"model.filters": "[4,8]", "model.dense_units": "32", "trainer.s
 
 
 def compose_config(overrides: dict[str, str] | list[str] = ()) -> DictConfig:
+    """The train config as the command line composes it; `overrides` as a dict or as override strings."""
     items = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=items)
+    return config.compose_config("train", items)
 
 
 @pytest.fixture

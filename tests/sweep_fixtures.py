@@ -1,5 +1,6 @@
-"""Shared pieces of the sweep tests: a tiny synthetic MNIST, and the overrides that make a sweep of it
-run in seconds with its own study, trial folders and MLflow store under a temporary folder."""
+"""Shared pieces of the sweep tests: a tiny synthetic MNIST under its real file names, and the overrides
+that make a sweep of it run in seconds with its own study, trial folders and MLflow store under a
+temporary folder."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from tfsweep.data import write_idx
+from conftest import write_synthetic
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -19,27 +18,8 @@ FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-label
 
 
 def synthetic_mnist(root: Path, n_train: int = 500, n_test: int = 100, seed: int = 0) -> dict[str, str]:
-    """Digits as a bright 7x7 block whose position encodes the label, under noise: learnable in a few
-    dozen steps, but not at once, so that trials differ. Returns the files' SHA-256 by split."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-
-    def images_for(labels: np.ndarray) -> np.ndarray:
-        images = rng.integers(0, 90, size=(len(labels), 28, 28), dtype=np.uint8)
-        for i, label in enumerate(labels):
-            row, col = 2 + 7 * (label // 4), 2 + 6 * (label % 4)
-            images[i, row:row + 7, col:col + 7] = 255
-        return images
-
-    arrays = {}
-    for split, count in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, size=count, dtype=np.uint8)
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images_for(labels), labels
-    digests = {}
-    for split, name in FILES.items():
-        write_idx(arrays[split], root / name)
-        digests[split] = hashlib.sha256((root / name).read_bytes()).hexdigest()
-    return digests
+    """Synthetic digits under MNIST's own file names; returns the files' SHA-256 by split."""
+    return write_synthetic(root, FILES, n_train, n_test, seed)
 
 
 def tiny_overrides(tmp: Path, study: str = "tiny", steps: int = 30) -> list[str]:
