@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from tfsweep.config import Precision
 from tfsweep.cpu import read_cpuinfo
 from tfsweep.data import IMAGE_SIZE
 
@@ -30,7 +31,7 @@ def usable_precision(precision: str, cpuinfo: str | None = None) -> str:
     Zen 3 (AVX2 only), against ~36 steps/s on a Zen 4 with AVX-512 BF16. float32 weights are kept either
     way, so checkpoints move between the two.
     """
-    if precision != "mixed_bfloat16":
+    if precision != Precision.mixed_bfloat16:
         return precision
     cpu = read_cpuinfo(cpuinfo)
     if not cpu["flags"]:
@@ -40,7 +41,7 @@ def usable_precision(precision: str, cpuinfo: str | None = None) -> str:
         return precision
     log.warning("trainer.precision=mixed_bfloat16, but bfloat16 is slower than float32 on this %s CPU without "
                 "%s: training in float32", cpu["vendor"] or "x86", " or ".join(sorted(fast)))
-    return "float32"
+    return Precision.float32
 
 
 class Mode(enum.Enum):
@@ -49,7 +50,7 @@ class Mode(enum.Enum):
     PREDICT = "predict"
 
 
-def build_network(params: DictConfig, precision: str = "float32") -> keras.Model:
+def build_network(params: DictConfig, precision: str = Precision.float32) -> keras.Model:
     """conv 32@5x5 -> pool -> conv 64@5x5 -> pool -> dense 1024 -> dropout -> logits, as the tutorial.
 
     With `mixed_bfloat16` the layers compute in bfloat16 and keep float32 weights; the logits are

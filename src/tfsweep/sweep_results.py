@@ -41,17 +41,18 @@ def is_publisher(study: optuna.Study, sweep: SweepConfig, already_finished: bool
 
 def summarize(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
-    rows = [{"number": t.number, "state": studies.outcome(t).value, "value": t.value, "params": t.params,
+    outcomes = [studies.outcome(t) for t in trials]
+    rows = [{"number": t.number, "state": o.value, "value": t.value, "params": t.params,
              "seconds": t.duration.total_seconds() if t.duration else None,
-             "training_seconds": t.user_attrs.get("training_seconds")} for t in trials]
-    ran = [r for r in rows if r["state"] in ("complete", "pruned", "failed") and r["seconds"] is not None
+             "training_seconds": t.user_attrs.get("training_seconds")} for t, o in zip(trials, outcomes)]
+    ended = (Outcome.complete, Outcome.pruned, Outcome.failed)  # ran to an end of their own
+    ran = [r for r, o in zip(rows, outcomes) if o in ended and r["seconds"] is not None
            and r["training_seconds"] is not None]
-    outcomes = Counter(r["state"] for r in rows)
+    counts = Counter(outcomes)
     best = study.best_trial if study.best_trials else None
     return {
         "study_name": study.study_name,
-        **{f"n_{o.value}": outcomes[o.value] for o in (Outcome.complete, Outcome.pruned, Outcome.failed,
-                                                       Outcome.interrupted)},
+        **{f"n_{o.value}": counts[o] for o in (*ended, Outcome.interrupted)},
         "best_trial": best.number if best else None,
         "best_value": best.value if best else None,
         "best_params": best.params if best else {},

@@ -121,7 +121,11 @@ def restore_first_attempt(ctx: SweepContext, cfg: DictConfig, attempts: list[int
 
 
 def suggest(trial: optuna.Trial, name: str, spec) -> Any:
-    """The trial's value for one entry of `sweep.params` (a retried trial gets its first attempt's)."""
+    """The trial's value for one entry of `sweep.params` (a retried trial gets its first attempt's).
+
+    Sampled here, after the trial was asked and outside the study lock, not by
+    `study.ask(fixed_distributions=...)`, which would sample under the lock the load test found busiest.
+    """
     if spec.type is ParamType.categorical:
         return trial.suggest_categorical(name, spec.choices)
     if spec.type is ParamType.int:
