@@ -20,7 +20,7 @@ config.register_configs()
 N_TRAIN, N_TEST, N_VALIDATION = 240, 60, 40
 
 
-def synthetic_digits(n: int, rng: np.random.Generator, noise: int = 90) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_digits(n: int, rng: np.random.Generator, noise: int) -> tuple[np.ndarray, np.ndarray]:
     """Digits as a bright 7x7 block whose position encodes the label, under noise: learnable in a few
     dozen steps, but not at once, so that trials differ."""
     labels = rng.integers(0, 10, size=n, dtype=np.uint8)

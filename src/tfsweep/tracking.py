@@ -30,7 +30,6 @@ from tfsweep.config import flatten
 from tfsweep.crashpoints import crashpoint
 from tfsweep.data import METRIC_PREFIXES
 from tfsweep.credentials import redact_url
-from tfsweep.errors import first_line
 from tfsweep.hooks import Hook
 from tfsweep.processes import write_atomically
 from tfsweep.tracking_store import experiment_id
@@ -174,27 +173,17 @@ class MlflowHook(Hook):
         if missing or new_tags:
             self.client.log_batch(run_id, params=missing, tags=[RunTag(k, str(v)) for k, v in new_tags.items()])
         if not has_inputs and trainer.splits is not None:  # None: a stand-in trainer without data
-            self._log_inputs(dataset_inputs(self.cfg, trainer.splits))
+            inputs = dataset_inputs(self.cfg, trainer.splits)
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except mlflow.exceptions.MlflowException:
+                # Workers started together: another run stored the data set between the SQL store's lookup
+                # and its insert. The call is idempotent, so the second one links the stored data set.
+                self.client.log_inputs(run_id, datasets=inputs)
         shown = redacted_config(self.cfg)
         self.client.log_text(run_id, OmegaConf.to_yaml(shown), "config.yaml")
         log.info("MLflow run %s in experiment %r at %s", run_id, self.cfg.tracking.experiment_name,
                  shown.tracking.uri)
-
-    def _log_inputs(self, inputs: list[DatasetInput], attempts: int = 3) -> None:
-        """`log_inputs`, tried again when another run of the experiment stored the same data set at once.
-
-        MLflow's SQL store looks a data set up and then inserts it, so sweep workers starting trials
-        together collide on its unique key (experiment, name, digest). The call is idempotent, reusing the
-        data set and the run's input once they exist, so trying again links the stored one.
-        """
-        for attempt in range(1, attempts + 1):
-            try:
-                self.client.log_inputs(self.run_id, datasets=inputs)
-                return
-            except mlflow.exceptions.MlflowException as exc:
-                if attempt == attempts:
-                    raise
-                log.info("logging the data set inputs again (%s)", first_line(exc, 120))
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         """Queue the points the run does not have yet; they are sent off the training loop."""
