@@ -318,12 +318,14 @@ def test_pruner_replay_of_a_tpe_sweep_shows_which_pruners_it_cannot_predict(caps
 
 
 def test_pruner_replay_of_the_default_random_sweep_backs_its_pruner(capsys):
-    """The numbers sweeps/pruner/successive_halving.yaml quotes, from the committed unpruned journal of the
-    default sweep (10 random trials of 800 steps, validated every 100 so that rungs at 100 replay too)."""
+    """The default pruner's cost on the committed unpruned journal of 10 random default-sweep trials of
+    800 steps (validated every 100 so that rungs at 100 replay too): it keeps the best trial, and a
+    bootstrap, cheaper here, lets no trial finish once the first is the best at its rung."""
     from tfsweep.bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1853-default-sweep-unpruned.journal.log"
-    replay.main(["sweep.study_name=random-none-lr", f"sweep.storage={journal}", "trainer.eval_every=100"])
+    replay.main(["sweep.study_name=random-none-lr", f"sweep.storage={journal}", "sweeps/sampler=random",
+                 "trainer.steps=800", "trainer.eval_every=100"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "random-none-lr: 10 finished trials of 800 steps, 457 s, best 0.9936"
     # random draws follow no trial, so the replay is what the pruned study runs
@@ -331,10 +333,10 @@ def test_pruner_replay_of_the_default_random_sweep_backs_its_pruner(capsys):
     rows = {line.split("SuccessiveHalvingPruner ")[-1]: line.split("  ")[:3] for line in lines[2:]}
     halving = compose_sweep(["sweeps=default"]).sweep.pruner
     chosen = f"min_resource=200 reduction_factor={halving.reduction_factor} bootstrap_count={halving.bootstrap_count}"
-    assert rows[chosen] == ["0.39x", " 1 finished", "best short by 0.0000"]
-    assert rows["min_resource=200 reduction_factor=4 bootstrap_count=2"] == ["0.50x", " 2 finished",
+    assert rows[chosen] == ["0.49x", " 2 finished", "best short by 0.0000"]
+    assert rows["min_resource=200 reduction_factor=5 bootstrap_count=1"] == ["0.39x", " 1 finished",
                                                                              "best short by 0.0000"]
-    # a first rung at 100: no trial finishes with a bootstrap, and without one the factor of 4 costs more
+    # a first rung at 100: no trial finishes with a bootstrap
     assert rows["min_resource=100 reduction_factor=5 bootstrap_count=1"][1:] == [" 0 finished", "best short by n/a"]
     assert rows["min_resource=100 reduction_factor=4 bootstrap_count=0"] == ["0.40x", " 2 finished",
                                                                              "best short by 0.0000"]

@@ -169,12 +169,6 @@ def evaluation_interval(steps: int, points: int, at_most: int) -> int:
     return min(at_most, max(1, steps // points))
 
 
-def startup_trials(n_trials: int) -> int:
-    """`${tfsweep.startup_trials:n}`: the random trials a model-based sampler starts a budget of n with,
-    two in five and at least 3 (16 trials: 6, 10: 4, 6: 3)."""
-    return max(3, n_trials * 2 // 5)
-
-
 def minus(a: int, b: int) -> int:
     """`${tfsweep.minus:a,b}`: a schedule's decay steps are the training steps left after its warm-up."""
     return a - b
@@ -193,7 +187,6 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("tfsweep.minus", minus, replace=True)
     OmegaConf.register_new_resolver("tfsweep.output_dir", _output_dir, replace=True)
     OmegaConf.register_new_resolver("tfsweep.evaluation_interval", evaluation_interval, replace=True)
-    OmegaConf.register_new_resolver("tfsweep.startup_trials", startup_trials, replace=True)
 
 
 def compose_config(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 WORKER_ATTR = "worker"  # "host:pid" of the process running the trial
 CLAIM_ATTR = "claimed_trial"  # the trial number the worker attribute belongs to (retries copy user attrs)
 FAIL_ATTR = "fail_reason"  # set when a trial failed by itself; such a trial counts and is not retried
-PUBLISHER_ATTR = "publisher"  # study attribute: the worker that publishes the finished study's results
+PUBLISHER_ATTR = "publisher"  # study attribute: the worker publishing the results of so many finished trials
 WAIT_SECONDS = 2.0  # a worker waiting for others' trials looks again this often (one cheap query)
 
 
@@ -209,12 +209,18 @@ def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     trial.set_user_attr(CLAIM_ATTR, trial.number)
 
 
+def worker_alive(worker: str) -> bool:
+    """Whether the worker "host:pid" may still run: a process of this machine that exists, or any other
+    machine's (their deaths show in Optuna's heartbeat instead)."""
+    host, _, pid = worker.rpartition(":")
+    return host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid))
+
+
 def _orphaned(trial: FrozenTrial) -> bool:
     """A running trial that no live worker owns (call under `study_lock`)."""
     if trial.user_attrs.get(CLAIM_ATTR) != trial.number:
         return True  # its creator died before recording itself: it would still hold the lock otherwise
-    host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))
+    return not worker_alive(str(trial.user_attrs.get(WORKER_ATTR, "")))
 
 
 def recover(study: optuna.Study, sweep: SweepConfig) -> None:

@@ -13,8 +13,12 @@ The story of a sweep command:
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,11 +35,12 @@ from tfsweep.config import flatten
 from tfsweep.credentials import redact_url
 from tfsweep.crashpoints import crashpoint
 from tfsweep.sweep_config import SweepContext, check, command_overrides
-from tfsweep.sweep_results import BEST_CONFIG, is_publisher, publish_results, summarize
+from tfsweep.sweep_results import BEST_CONFIG, Ending, is_publisher, publish_results, summarize
 from tfsweep.sweep_trial import run_trial, short, summary_line
 
 log = logging.getLogger(__name__)
 
+STOP_SECONDS = 10  # how long the extra workers get to end their trials after Ctrl-C
 QUIET_LOGGERS = ("tfsweep.hooks", "tfsweep.trainer", "tfsweep.tracking", "absl")  # per-step lines; MLflow has them
 
 # -- one worker ------------------------------------------------------------------------------------
@@ -44,6 +49,9 @@ def work(ctx: SweepContext, worker_index: int, show_progress: bool) -> None:
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     # Our one line per trial, with the failure reason, replaces Optuna's lines and tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # The ~500,000 objects of TensorFlow, Keras and MLflow live as long as the worker: frozen, they are
+    # not scanned by the garbage collection that ends every trial (Keras's clear_session), 0.5 s a trial.
+    gc.freeze()
     try:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -83,18 +91,28 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
 def _helper_worker(ctx: SweepContext, worker_index: int) -> None:
     """Entry of an extra worker process (spawned: TensorFlow does not survive a fork)."""
     logging.basicConfig(level=logging.INFO, format=f"[worker {worker_index}] %(message)s")
-    work(ctx, worker_index, show_progress=False)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        work(ctx, worker_index, show_progress=False)
+    except KeyboardInterrupt:
+        sys.exit(130)  # its trial told Optuna it was interrupted; the command publishes
 
 
 # -- the command -----------------------------------------------------------------------------------
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a sweep the way Ctrl-C does: trial retried, results published
+
+
 def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) the study `cfg.sweep` describes; return `summarize`'s outcome with `wall_seconds`
-    (this call), `mlflow_parent_run_id`, `published` (whether this command published the finished study's
-    results) and, once published, the best trial's `best_test_accuracy` and `best_config` (the yaml
-    `src/train.py` takes).
+    (this call), `mlflow_parent_run_id`, `published` (whether this command published the study's results)
+    and, once published, the best trial's `best_test_accuracy` and `best_config` (the yaml `src/train.py`
+    takes).
 
-    Everything is checked (search space, sampler, pruner, storage, MLflow) before the first trial; a
-    problem raises a UserError and leaves an existing study as it was.
+    However the command ends (the budget met, `sweep.timeout`, Ctrl-C or SIGTERM), the results of the
+    trials finished so far are published by the last worker to leave; Ctrl-C then raises
+    KeyboardInterrupt. Everything is checked (search space, sampler, pruner, storage, MLflow) before the
+    first trial; a problem raises a UserError and leaves an existing study as it was.
     """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "Using an existing study" and the like
@@ -110,66 +128,92 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         settings["sweep.storage"] = redact_url(sweep.storage)  # no database password in MLflow
         ctx.parent_run_id = sweep_tracking.parent_run(client, ctx.experiment, study, settings)
     if already_finished and client is not None and study.best_trials and sweep_tracking.is_published(
-            client, ctx.parent_run_id, study.best_trial.number):
+            client, ctx.parent_run_id, studies.finished_trials(study), study.best_trial.number):
         result = summarize(study)
         result.update(best_test_accuracy=sweep_tracking.recorded_test_accuracy(
-            client, ctx.parent_run_id, study.best_trial.number), best_config=str(Path(sweep.dir) / BEST_CONFIG))
+            client, ctx.parent_run_id, study.best_trial.number),
+            best_config=str(Path(sweep.dir) / BEST_CONFIG), published=False)
         log.info("study %s is finished (%d of %d trials) and its results are on MLflow run %s; nothing to do: "
                  "raise sweep.n_trials to extend it", study.study_name, studies.finished_trials(study),
                  sweep.n_trials, ctx.parent_run_id)
-        return {**result, "wall_seconds": time.perf_counter() - started, "mlflow_parent_run_id": ctx.parent_run_id,
-                "published": False}
+        return {**result, "wall_seconds": time.perf_counter() - started, "mlflow_parent_run_id": ctx.parent_run_id}
     log.info("study %s in %s: %d of %d trials done", study.study_name, redact_url(sweep.storage),
              studies.finished_trials(study), sweep.n_trials)
     if client is not None:
         sweep_tracking.set_status(client, ctx.parent_run_id, RunStatus.RUNNING)
 
-    status = None
+    interrupted, status = False, RunStatus.FAILED
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        helpers = [multiprocessing.get_context("spawn").Process(
-            target=_helper_worker, name=f"sweep-worker-{i}", args=(ctx, i)) for i in range(1, sweep.n_workers)]
-        for process in helpers:
-            process.start()
         try:
-            work(ctx, 0, show_progress=True)
-        finally:
-            for process in helpers:
-                process.join()
-                if process.exitcode:
-                    log.warning("%s exited with code %s; its trial, if any, is retried next time",
-                                process.name, process.exitcode)
+            _run_workers(ctx)
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted: publishing the trials finished so far (Ctrl-C again to skip)")
         study = studies.load_study(sweep, storage)
+        ended = Ending.of(study, sweep.n_trials, interrupted)
         result = summarize(study)
         result["published"] = is_publisher(study, sweep, already_finished)
         if result["published"]:
-            result.update(publish_results(cfg, ctx, study, client, result))
-        elif not studies.is_finished(study, sweep.n_trials):
-            status = None if studies.any_running(study) else RunStatus.KILLED  # stopped by sweep.timeout
-    except KeyboardInterrupt:
+            result.update(publish_results(cfg, ctx, study, client, result, ended))
+        status = ended.run_status if result["published"] or not studies.any_running(study) else None
+    except KeyboardInterrupt:  # a second Ctrl-C, while publishing
         status = RunStatus.KILLED
-        raise
-    except BaseException:
-        status = RunStatus.FAILED
         raise
     finally:
         if client is not None and status is not None:
             sweep_tracking.set_status(client, ctx.parent_run_id, status)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     result["wall_seconds"] = time.perf_counter() - started
     result["mlflow_parent_run_id"] = ctx.parent_run_id
-    if not result["published"]:
-        log.info("study %s: %d of %d trials done; %s", sweep.study_name, studies.finished_trials(study),
-                 sweep.n_trials, "the worker that finishes the last one publishes the results"
-                 if studies.any_running(study) else "run the same command again to continue")
-        return result
-    log.info("study %s: %d complete, %d pruned, %d failed, %d interrupted in %.0f s", sweep.study_name,
-             result["n_complete"], result["n_pruned"], result["n_failed"], result["n_interrupted"],
-             result["wall_seconds"])
-    if result["best_trial"] is not None:
-        log.info("best trial %d: %s=%.4f, test accuracy %.4f, %s", result["best_trial"], sweep.metric,
-                 result["best_value"], result["best_test_accuracy"],
-                 " ".join(f"{k}={short(v)}" for k, v in result["best_params"].items()))
-        log.info("retrain it: python src/train.py --config-dir %s --config-name %s",
-                 Path(result["best_config"]).parent, Path(result["best_config"]).stem)
+    _report(sweep, study, result)
+    if interrupted:
+        raise KeyboardInterrupt
     return result
 
 
+def _run_workers(ctx: SweepContext) -> None:
+    """This command's workers: the extra processes and this one, until the budget or the timeout ends
+    them; on Ctrl-C or SIGTERM the extra ones are stopped too, each telling Optuna its trial's end."""
+    helpers = [multiprocessing.get_context("spawn").Process(
+        target=_helper_worker, name=f"sweep-worker-{i}", args=(ctx, i)) for i in range(1, ctx.sweep.n_workers)]
+    for process in helpers:
+        process.start()
+    stopping = True
+    try:
+        work(ctx, 0, show_progress=True)
+        stopping = False
+    finally:
+        for process in helpers:
+            process.join(timeout=STOP_SECONDS if stopping else None)
+            if process.is_alive():  # SIGTERM reached this process only; Ctrl-C reaches the whole group
+                process.terminate()
+                process.join()
+            if process.exitcode:
+                log.warning("%s exited with code %s; its trial, if any, is retried next time",
+                            process.name, process.exitcode)
+
+
+def _report(sweep, study: optuna.Study, result: dict[str, Any]) -> None:
+    if not result["published"]:
+        log.info("study %s: %d of %d trials done; %s", sweep.study_name, studies.finished_trials(study),
+                 sweep.n_trials, "the worker that finishes the last running one publishes the results"
+                 if studies.any_running(study) else "run the same command again to continue")
+        return
+    log.info("study %s: %d complete, %d pruned, %d failed, %d interrupted in %.0f s", sweep.study_name,
+             result["n_complete"], result["n_pruned"], result["n_failed"], result["n_interrupted"],
+             result["wall_seconds"])
+    if result["best_trial"] is None:
+        log.warning("no trial is complete yet, so there is no best trial to publish; run the same command "
+                    "again to continue the study")
+        return
+    log.info("best trial %d: %s=%.4f, test accuracy %.4f, %s", result["best_trial"], sweep.metric,
+             result["best_value"], result["best_test_accuracy"],
+             " ".join(f"{k}={short(v)}" for k, v in result["best_params"].items()))
+    log.info("retrain it: python src/train.py --config-dir %s --config-name %s",
+             Path(result["best_config"]).parent, Path(result["best_config"]).stem)
+    if not studies.is_finished(study, sweep.n_trials):
+        log.info("%d of %d trials done; run the same command again to continue the study and publish again",
+                 studies.finished_trials(study), sweep.n_trials)

@@ -1,9 +1,10 @@
-"""What a finished study leaves: its summary, the best trial's config for `src/train.py`, that trial's
-test accuracy and its model in the Model Registry (alias `champion`), and all of it on the study's MLflow
-parent run, published by one worker only."""
+"""What a sweep leaves, however it ended: its summary, the best trial's config for `src/train.py`, that
+trial's test accuracy and its model in the Model Registry (alias `champion`), and all of it on the study's
+MLflow parent run, published by the last worker to leave."""
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,40 @@ from tfsweep.sweep_config import SweepConfig, SweepContext, trial_config
 BEST_CONFIG = "best_trial.yaml"
 
 
+class Ending(enum.Enum):
+    """What ended a sweep command, as the parent run's `sweep.ended_by` tag says."""
+
+    budget = "n_trials"
+    timeout = "timeout"
+    interrupted = "interrupted"  # Ctrl-C or SIGTERM
+
+    @classmethod
+    def of(cls, study: optuna.Study, n_trials: int, interrupted: bool) -> Ending:
+        if studies.is_finished(study, n_trials):
+            return cls.budget
+        return cls.interrupted if interrupted else cls.timeout
+
+    @property
+    def run_status(self) -> RunStatus:
+        return RunStatus.KILLED if self is Ending.interrupted else RunStatus.FINISHED
+
+
 def is_publisher(study: optuna.Study, sweep: SweepConfig, already_finished: bool) -> bool:
-    """Whether this command publishes: its workers finished the study and it won the claim, or the study
-    was already finished when it started (a rerun after a crash while publishing: publishing repeats safely)."""
+    """Whether this command publishes the results of the trials finished so far: none runs any more (its
+    workers were the last to leave) and no live worker that left at the same moment claimed them first. A
+    study already finished when the command started is published again (a rerun after a crash while
+    publishing: publishing repeats safely)."""
     with studies.study_lock(sweep):
-        if not studies.is_finished(study, sweep.n_trials):
+        studies.recover(study, sweep)  # a trial whose worker died with this command runs no more
+        if studies.any_running(study):
             return False
         if already_finished:
             return True
-        claim = {"worker": studies.worker_id(), "n_trials": sweep.n_trials}  # a study extended later gets a new one
-        claimed = study.user_attrs.get(studies.PUBLISHER_ATTR)
-        if claimed and claimed["n_trials"] == sweep.n_trials and claimed != claim:
-            return False  # two workers finished at once; the other one claimed it first
+        claim = {"worker": studies.worker_id(), "finished": studies.finished_trials(study)}
+        claimed = study.user_attrs.get(studies.PUBLISHER_ATTR) or {}
+        if (claimed.get("finished") == claim["finished"] and claimed != claim
+                and studies.worker_alive(claimed["worker"])):
+            return False  # two workers left at once; the other one claimed it first
         study.set_user_attr(studies.PUBLISHER_ATTR, claim)
         return True
 
@@ -64,13 +87,11 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
 
 
 def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, client,
-                    result: dict[str, Any]) -> dict[str, Any]:
+                    result: dict[str, Any], ended: Ending) -> dict[str, Any]:
     """Write the best trial's config for `src/train.py`, test it once, log and register its model (only the
     best trial's: trials log none), and put the results on the parent. Every step is skipped when a
-    previous attempt (a crash while publishing) already did it."""
+    previous attempt (a crash while publishing) already did it; the caller sets the parent's status last."""
     if result["best_trial"] is None:
-        if client is not None:
-            sweep_tracking.set_status(client, ctx.parent_run_id, RunStatus.FINISHED)
         return {}
     best = study.best_trial
     trial_cfg = trial_config(ctx.overrides, best.params, best.user_attrs["trial_dir"],
@@ -99,7 +120,7 @@ def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, cli
     if client is not None:
         counts = {key: result[key] for key in ("n_complete", "n_pruned", "n_failed")}
         sweep_tracking.publish(client, ctx.parent_run_id, study, ctx.sweep.metric, counts, test_accuracy, path,
-                               model_uri)
+                               model_uri, ended.value)
     return {"best_test_accuracy": test_accuracy, "best_config": str(path), "best_model_uri": model_uri}
 
 

@@ -1,10 +1,10 @@
 """MLflow for a sweep: one parent run per study (its children are the trials' training runs), and the
-finished study's results on it: best value, params, test accuracy, plots and best_trial.yaml; the best
+results of its finished trials on it: best value, params, test accuracy, plots and best_trial.yaml; the best
 trial's model in the Model Registry with the alias `champion`.
 
 Publishing is written to be repeated after a crash at any point without logging anything twice: the
-metrics and tags go in one batch that is skipped once the parent has it, artifacts overwrite their
-own paths, and the parent is marked FINISHED last.
+metrics and tags go in one batch that is skipped once the parent has it for the same finished trials,
+artifacts overwrite their own paths, and the parent's status is set last.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ ROLE_TAG = "sweep.role"  # "study" on the parent run, "trial" on each child
 STATE_TAG = "optuna.state"  # an Outcome value, on each child
 NUMBER_TAG = "optuna.trial_number"
 TESTED_TAG = "best.test_trial_number"  # on the parent: the trial whose test accuracy it holds
+PUBLISHED_TAG = "sweep.published_trials"  # on the parent: how many finished trials its results cover
+ENDED_TAG = "sweep.ended_by"  # on the parent: n_trials, timeout or interrupted (an Ending value)
 PARENT_ATTR = "mlflow_parent_run_id"  # in the study's user attributes
 CHAMPION = "champion"  # the registered model's alias for the best trial of the last published study
 PLOTS = ("plot_optimization_history", "plot_param_importances", "plot_parallel_coordinate",
@@ -90,9 +92,12 @@ def recorded_test_accuracy(client: MlflowClient, run_id: str, trial_number: int)
     return None
 
 
-def is_published(client: MlflowClient, run_id: str, trial_number: int) -> bool:
-    run = client.get_run(run_id)
-    return run.info.status == "FINISHED" and run.data.tags.get(TESTED_TAG) == str(trial_number)
+def is_published(client: MlflowClient, run_id: str, finished_trials: int, best_trial: int) -> bool:
+    """Whether the parent holds the results of this many finished trials, the best one's test accuracy
+    among them, and was marked FINISHED after."""
+    tags, status = (run := client.get_run(run_id)).data.tags, run.info.status
+    return status == "FINISHED" and (tags.get(PUBLISHED_TAG), tags.get(TESTED_TAG)) == (
+        str(finished_trials), str(best_trial))
 
 
 def register_champion(uri: str, model_id: str, name: str, study, test_accuracy: float) -> str:
@@ -121,24 +126,27 @@ def register_champion(uri: str, model_id: str, name: str, study, test_accuracy: 
 
 
 def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[str, int],
-            test_accuracy: float, config_path: Path, model_uri: str | None = None) -> None:
-    """Put the finished study's results on its parent run and mark it FINISHED; safe to repeat."""
+            test_accuracy: float, config_path: Path, model_uri: str | None, ended: str) -> None:
+    """Put the results of the trials finished so far on the study's parent run; safe to repeat. The caller
+    sets the run's status last."""
     best = study.best_trial
-    if client.get_run(run_id).data.tags.get(TESTED_TAG) != str(best.number):
-        now, step = int(time.time() * 1000), sum(counts.values())  # an extended study logs at a new step
+    step = sum(counts.values())  # the finished trials: a continued study logs at a new step
+    tags = client.get_run(run_id).data.tags
+    if tags.get(PUBLISHED_TAG) != str(step) or tags.get(TESTED_TAG) != str(best.number):
         metrics = {"best_value": best.value, "best_test_accuracy": test_accuracy, **counts}
         tags = {"best.metric": metric, "best.trial_number": str(best.number), TESTED_TAG: str(best.number),
+                PUBLISHED_TAG: str(step), ENDED_TAG: ended,
                 **{f"best.{name}": str(value) for name, value in best.params.items()}}
         if model_uri:
             tags["best.model_uri"] = model_uri
         # One request, so a crash leaves all of it or none of it.
+        now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
                          tags=[RunTag(k, v) for k, v in tags.items()])
     crashpoint("sweep.during_publishing")
     client.log_dict(run_id, {"trial": best.number, metric: best.value, "params": best.params}, "best_params.json")
     client.log_artifact(run_id, str(config_path))
     log_plots(client, run_id, study, metric)
-    set_status(client, run_id, RunStatus.FINISHED)
 
 
 def log_plots(client: MlflowClient, run_id: str, study, metric: str) -> None:
