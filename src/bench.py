@@ -10,7 +10,7 @@ from tfsweep.bench import report, suite
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs for development (a few minutes)")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep rows (6 to 8, 10)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep rows (6 to 8, 10 to 12)")
     parser.add_argument("--only", nargs="+", choices=suite.GROUPS, default=suite.GROUPS, metavar="GROUP",
                         help=f"measure only these groups of rows: {', '.join(suite.GROUPS)}")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)

@@ -203,7 +203,7 @@ def test_breakdown_adds_up_to_the_wall_time():
 
 def test_sweep_rows_time_every_trial_by_phase(tmp_path):
     shrink = [o for o in tiny_overrides(tmp_path) if "pruner" not in o]  # the pruning row sets its own
-    # one trial: successive halving stops the first trial at a rung, so the pruned side has none finished
+    # one trial: successive halving lets the leader at a rung go on, so the pruned side's trial finishes too
     rows = suite.sweep_rows(suite.MODES["quick"], tmp_path, (*shrink, "sweep.n_trials=1", "tracking.log_checkpoints=true"))
     assert rows["pruning"]["detail"]["none"]["n_complete"] == 1
     detail = rows["trial_overhead"]["detail"]
@@ -211,8 +211,7 @@ def test_sweep_rows_time_every_trial_by_phase(tmp_path):
     assert [t["study"] for t in detail["per_trial"]] == ["bench-pruned", "bench-none"]
     for trial in detail["per_trial"]:
         # steps 30, eval_every 10, checkpoint_every 10: each phase is seen as often as the trainer runs it
-        # (successive halving stops the pruned side's trial at its first rung, step 10: one evaluation)
-        evaluations = 3 if trial["study"] == "bench-none" else 1
+        evaluations = 3
         assert trial["calls"]["evaluations"] == evaluations and trial["calls"]["checkpoint_saves"] == evaluations
         assert trial["calls"]["model_build"] == 1 and trial["calls"]["clear_keras"] == 1
         assert trial["calls"]["checkpoint_uploads"] >= 1 and trial["calls"]["mlflow"] >= 3
@@ -227,11 +226,34 @@ def test_sweep_rows_time_every_trial_by_phase(tmp_path):
     # row 10 is the pruned side, `make sweep` as a user runs it: its time, and its pick's test accuracy
     default, pruned = rows["default_sweep"], rows["pruning"]["detail"]["pruned"]
     assert default["detail"]["wall_seconds"] == pruned["wall_seconds"] and default["detail"]["pruner"] == pruned["pruner"]
-    assert default["detail"]["best_params"] == pruned["best_params"] == {} and pruned["n_pruned"] == 1
-    assert default["value"] is default["detail"]["best_test_accuracy"] is None  # no trial finished
+    assert default["detail"]["best_params"] == pruned["best_params"] != {} and pruned["n_complete"] == 1
+    assert 0 <= default["value"] == default["detail"]["best_test_accuracy"] <= 1
     line = table_row("default_sweep").measured(default["detail"], {})
-    assert line.endswith("failed of 1 trials of 30 steps; no trial finished")
+    assert "failed of 1 trials of 30 steps; best val accuracy" in line
     assert default["detail"]["n_trials"] == 1 and 0 <= rows["pruning"]["detail"]["none"]["best_value"] <= 1
+    # row 11: the whole command, its imports included, against the pruned side's training steps
+    wall = rows["sweep_wall_overhead"]["detail"]
+    assert wall["command_seconds"] == pytest.approx(pruned["wall_seconds"] + wall["imports_seconds"])
+    assert wall["imports_seconds"] > 1  # TensorFlow alone takes longer to import
+    assert rows["sweep_wall_overhead"]["value"] == pytest.approx(1 - wall["training_seconds"] / wall["command_seconds"])
+    assert 0 < wall["training_seconds"] < pruned["wall_seconds"]
+
+
+def test_wide_space_row_sweeps_each_seed_until_its_timeout_and_reports_the_lowest_pick(tmp_path):
+    shrink = [o for o in tiny_overrides(tmp_path) if "pruner" not in o and not o.startswith("trainer.steps")]
+    settings = suite.Settings(speed_steps=10, repeats=1, matmul_size=8, tutorial_budget_s=1, monitor_every=10,
+                              tutorial_monitor_every=10, wide_seeds=(0, 1),
+                              wide_overrides=("sweeps=wide", *shrink, "trainer.steps=20", "sweep.timeout=1"))
+    row = suite.wide_space_rows(settings, tmp_path)["wide_space"]
+    runs_ = row["detail"]["runs"]
+    assert [r["seed"] for r in runs_] == [0, 1]
+    # the timeout lets each command's first trial end (it may diverge on this space), then stops it
+    assert all(r["n_complete"] + r["n_pruned"] + r["n_failed"] >= 1 for r in runs_)
+    assert all(r["best_test_accuracy"] is not None for r in runs_ if r["n_complete"])
+    tested = [r["best_test_accuracy"] for r in runs_]
+    assert row["value"] == (None if None in tested else min(tested))
+    assert row["detail"]["overrides"][0] == "sweeps=wide"
+    assert table_row("wide_space").measured(row["detail"], {}).startswith("seed 0 ")
 
 
 def test_fast_preset_row_alternates_seeds_and_counts_the_seeds_at_99(make_cfg, synthetic_data, tmp_path):
@@ -300,7 +322,7 @@ def test_pruner_replay_of_a_tpe_sweep_shows_which_pruners_it_cannot_predict(caps
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1547-default-sweep-unpruned.journal.log"
     replay.main(["sweeps/sampler=tpe", "sweep.study_name=replay-none", f"sweep.storage={journal}",
-                 "trainer.eval_every=100"])
+                 "trainer.steps=800", "trainer.eval_every=100", "sweep.sampler.n_startup_trials=4"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "replay-none: 10 finished trials of 800 steps, 1029 s, best 0.9938"
     # 3, 5 and 6 are the best so far when guided trials 4-9 are drawn (0 is passed during the random start):

@@ -137,6 +137,16 @@ ROWS = (  # numbered in this order; a row not measured (--no-sweep) keeps its nu
         "≥ 99.0% for every seed", _fast_preset_seeds),
     Row("default_sweep", "default sweep (`make sweep`): the selected trial's test accuracy",
         lambda row: pct(row["value"]), "≥ 99.3% in ≤ 600 s", _default_sweep),
+    Row("sweep_wall_overhead", "default sweep: the command's wall time outside training steps",
+        lambda row: pct(row["value"]), "≤ 10%", lambda d, result: (
+            f"{d['command_seconds'] - d['training_seconds']:.1f} s of {d['command_seconds']:.1f} s: imports "
+            f"{d['imports_seconds']:.1f} s, inside its {d['n_trials']} trials {d['trials_outside_seconds']:.1f} s "
+            "(evaluations, tracing, tracking), the rest opening the study and publishing")),
+    Row("wide_space", "a wide space nobody tuned (sweeps/wide.yaml) stopped by its timeout: the selected "
+        "trial's test accuracy, lowest of its seeds", lambda row: pct(row["value"]), "≥ 99.2% on every seed",
+        lambda d, result: "; ".join(
+            f"seed {r['seed']} {pct(r['best_test_accuracy'])} ({r['n_complete']} complete, {r['n_pruned']} pruned "
+            f"in {r['wall_seconds']:.0f} s)" for r in d["runs"]) + f"; {' '.join(d['overrides'])}"),
 )
 
 
