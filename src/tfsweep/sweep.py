@@ -4,11 +4,12 @@ The story of a sweep command:
 1. `check` the sweep config (typed `SweepConfig`) and the search space; open the storage and the
    study's MLflow parent run; everything a worker needs goes into one `SweepContext`.
 2. Each worker (`n_workers` processes) loops: under the study's lock it recovers trials of dead
-   workers, stops when the budget is met, asks Optuna for a trial and records itself as its owner;
-   then it trains the trial (`run_trial`) and tells Optuna the result.
-3. The worker that finds every trial of the budget finished publishes the results (`publish_results`):
-   the best trial's config, its test accuracy, and the parent run's metrics, tags and plots. Others
-   just stop. A rerun of a finished, published study says so in one line and logs nothing.
+   workers, stops when the budget is met (or the command's timeout passed), asks Optuna for a trial
+   and records itself as its owner; then it trains the trial (`run_trial`) and tells Optuna the result.
+3. However the workers stopped (budget, timeout, Ctrl-C, SIGTERM), the command whose workers leave last
+   publishes the trials finished so far (`publish_results`): the best trial's config, its test accuracy,
+   its `champion` model, and the parent run's metrics, tags and plots. Others just stop. A rerun
+   continues the study and publishes again; a rerun of a finished, published study says so in one line.
 """
 
 from __future__ import annotations
