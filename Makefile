@@ -21,8 +21,9 @@ lock: install  ## re-resolve requirements.lock to the newest versions pyproject.
 	  --upgrade --custom-compile-command "make lock" -o requirements.lock
 	$(MAKE) install
 
-data: install  ## fetch and verify MNIST and Fashion-MNIST into the data cache
-	$(PY) src/fetch_data.py $(ARGS)
+DATASETS ?=
+data: install  ## fetch and verify MNIST and Fashion-MNIST into the data cache (DATASETS="mnist" for one)
+	$(PY) src/fetch_data.py $(DATASETS)
 
 train: install  ## train with Hydra overrides: make train ARGS="model.dropout=0.4 trainer.steps=300"
 	$(PY) src/train.py $(ARGS)
