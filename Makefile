@@ -41,10 +41,10 @@ sweep: install  ## make sweep ARGS="sweep.n_trials=4 trainer.steps=300"
 	$(PY) src/sweep.py $(ARGS)
 
 bench: install data  ## the full benchmark; results in bench/results/
-	$(PY) src/bench.py $(ARGS)
+	$(PY) -m bench $(ARGS)
 
 bench-quick: install data
-	$(PY) src/bench.py --quick $(ARGS)
+	$(PY) -m bench --quick $(ARGS)
 
 # Prints each experiment's runs-table address (MLflow 3 would open its GenAI pages), then serves the UI
 # with one web worker and no job runner: make ui ARGS="--port 5050 --host 0.0.0.0"
@@ -59,7 +59,7 @@ stack-down: install
 
 .PHONY: loadtest
 loadtest: install  ## the coordination layer under 16, 32, 64 stand-in workers: make loadtest ARGS="--workers 32"
-	$(PY) src/loadtest.py $(ARGS)
+	$(PY) -m loadtest $(ARGS)
 
 clean:
 	rm -rf outputs multirun

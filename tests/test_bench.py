@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from sweep_fixtures import tiny_overrides
 
-from tfsweep.bench import machine, overhead, report, runs, suite
-from tfsweep.bench.stats import alternate, median_ratio
+from bench import machine, overhead, report, runs, suite
+from bench.stats import alternate, median_ratio
 from tfsweep.cpu import read_cpuinfo
 from tfsweep.data import load_splits
 from tfsweep.sweep_config import compose_sweep
@@ -289,7 +289,7 @@ def recorded_trial(number: int, curve: list[float], seconds: float):
 
 
 def test_pruner_replay_charges_each_trial_the_steps_it_would_have_run():
-    from tfsweep.bench import replay
+    from bench import replay
 
     trials = [recorded_trial(0, [0.90, 0.95, 0.96], 33.0), recorded_trial(1, [0.97, 0.98, 0.99], 63.0),
               recorded_trial(2, [0.80, 0.85, 0.86], 33.0), recorded_trial(3, [0.98, 0.99, 0.995], 33.0)]
@@ -318,7 +318,7 @@ def test_pruner_replay_charges_each_trial_the_steps_it_would_have_run():
 def test_pruner_replay_of_a_tpe_sweep_shows_which_pruners_it_cannot_predict(capsys):
     """The numbers sweeps/default.yaml quotes for TPE, from the committed unpruned journal of the default
     sweep under TPE, with the learning rate from 3e-4 (10 trials of 800 steps, validated every 100)."""
-    from tfsweep.bench import replay
+    from bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1547-default-sweep-unpruned.journal.log"
     replay.main(["sweeps/sampler=tpe", "sweep.study_name=replay-none", f"sweep.storage={journal}",
@@ -343,7 +343,7 @@ def test_pruner_replay_of_the_default_random_sweep_backs_its_pruner(capsys):
     """The default pruner's cost on the committed unpruned journal of 10 random default-sweep trials of
     800 steps (validated every 100 so that rungs at 100 replay too): it keeps the best trial, and a
     bootstrap, cheaper here, lets no trial finish once the first is the best at its rung."""
-    from tfsweep.bench import replay
+    from bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03T1853-default-sweep-unpruned.journal.log"
     replay.main(["sweep.study_name=random-none-lr", f"sweep.storage={journal}", "sweeps/sampler=random",
@@ -367,7 +367,7 @@ def test_pruner_replay_of_the_default_random_sweep_backs_its_pruner(capsys):
 def test_pruner_replay_of_the_16_trial_tpe_sweep_gives_the_figures_of_its_time(capsys):
     """The figures a factor of 4 with a bootstrap of 2 was chosen by on 2026-12-02, when the default sweep was
     16 TPE trials of 1,500 steps, from its committed unpruned journal."""
-    from tfsweep.bench import replay
+    from bench import replay
 
     journal = Path(__file__).resolve().parents[1] / "bench/results/2026-12-02T1745-default-sweep-unpruned.journal.log"
     # the 16-trial, 1,500-step default sweep of 2026-12-02, replayed with the settings it ran with

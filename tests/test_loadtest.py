@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tfsweep.loadtest import level as levels, report, server_cpu, standin
-from tfsweep.loadtest.clock import DETAILS, GROUPS
+from loadtest import level as levels, report, server_cpu, standin
+from loadtest.clock import DETAILS, GROUPS
 from tfsweep.sweep_config import compose_sweep
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -168,9 +168,9 @@ def test_workers_on_a_journal_and_sqlite_count_every_trial_once(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")), reason="needs PostgreSQL")
 def test_make_loadtest_on_the_stack(tmp_path):
-    """`src/loadtest.py` with 4 workers on a fresh local stack: the table, 0 duplicated, 0 lost."""
+    """`python -m loadtest` with 4 workers on a fresh local stack: the table, 0 duplicated, 0 lost."""
     stack_dir = Path(tempfile.mkdtemp(prefix="tfsweep-loadtest-"))  # the postgres user cannot enter pytest's root-only tmp
-    command = [sys.executable, str(SRC / "loadtest.py"), "--workers", "4", "--trials-per-worker", "2",
+    command = [sys.executable, "-m", "loadtest", "--workers", "4", "--trials-per-worker", "2",
                "--stack-dir", str(stack_dir), "--mlflow-port", str(free_port()), "--trial-seconds", "40",
                "--results-dir", str(tmp_path / "results"), "trainer.steps=200"]
     try:

@@ -1,4 +1,4 @@
-"""Load test of the sweep's coordination layer: `python src/loadtest.py --workers 16 32 64` (or `make loadtest`).
+"""Load test of the sweep's coordination layer: `python -m loadtest --workers 16 32 64` (or `make loadtest`).
 
 Starts (or reuses) the local stack of `make stack-up`, runs the default sweep with N stand-in workers for
 each N (real Optuna and MLflow calls, training replaced by milliseconds), prints the table and the
@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 from tfsweep.errors import UserError
-from tfsweep.loadtest import run_load_test
-from tfsweep.loadtest.report import RESULTS_DIR, capacity_lines
+from loadtest import run_load_test
+from loadtest.report import RESULTS_DIR, capacity_lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[16, 32, 64], help="worker counts (default: 16 32 64)")
     parser.add_argument("--trials-per-worker", type=int, default=3, help="the study's n_trials is this x workers")
     parser.add_argument("--stack-dir", type=Path, default=Path(".stack"), help="the local stack's state folder")

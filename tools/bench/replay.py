@@ -1,5 +1,5 @@
 """Choose a pruner by replaying an unpruned study, named by the overrides its sweep ran with:
-`python -m tfsweep.bench.replay sweep.study_name=NAME sweep.storage=JOURNAL_OR_URL [trainer.steps=...]`.
+`python -m bench.replay sweep.study_name=NAME sweep.storage=JOURNAL_OR_URL [trainer.steps=...]`.
 
 Each finished trial of the study is fed, in its order, into a new in-memory study with the candidate
 pruner (Optuna's own `prune`), reporting its recorded curve until the pruner stops it. A trial that stops

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tfsweep.bench.overhead import PHASES
-from tfsweep.bench.runs import FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET
+from bench.overhead import PHASES
+from bench.runs import FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET
 from tfsweep.processes import write_atomically
 
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
 def pct(value: float | None, digits: int = 1) -> str:

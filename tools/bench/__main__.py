@@ -1,14 +1,14 @@
-"""Benchmark the trainer and the sweep: `python src/bench.py [--quick]`; results go to bench/results/."""
+"""Benchmark the trainer and the sweep: `python -m bench [--quick]`; results go to bench/results/."""
 
 import argparse
 import logging
 from pathlib import Path
 
-from tfsweep.bench import report, suite
+from bench import report, suite
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs for development (a few minutes)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep rows (6 to 8, 10 to 12)")
     parser.add_argument("--only", nargs="+", choices=suite.GROUPS, default=suite.GROUPS, metavar="GROUP",

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from tfsweep.bench import machine, overhead
-from tfsweep.bench.runs import (FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET, Workspace, accuracy_at, curve_run,
+from bench import machine, overhead
+from bench.runs import (FAST_PRESET, FAST_TARGET, TUTORIAL_TARGET, Workspace, accuracy_at, curve_run,
                                 keras_fit_run, time_to, trainer_run)
-from tfsweep.bench.stats import alternate, median_ratio
+from bench.stats import alternate, median_ratio
 from tfsweep.config import compose_config
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def fast_seed_rows(settings: Settings, ws: Workspace, result: dict[str, Any]) ->
 
 def journals(root: Path) -> dict[str, str]:
     """The sweep rows' Optuna journals by folder (`sweep-pruned`, `sweep-none`), kept with the results
-    so that a pruner can be chosen by replaying the unpruned study (`python -m tfsweep.bench.replay`)."""
+    so that a pruner can be chosen by replaying the unpruned study (`python -m bench.replay`)."""
     return {path.parent.name: path.read_text() for path in sorted(root.glob("sweep-*/journal.log"))}
 
 

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tfsweep.loadtest.audit import audit_study
-from tfsweep.loadtest.clock import DETAILS, GROUPS
-from tfsweep.loadtest.server_cpu import cpu_seconds
-from tfsweep.loadtest.workers import Workers
+from loadtest.audit import audit_study
+from loadtest.clock import DETAILS, GROUPS
+from loadtest.server_cpu import cpu_seconds
+from loadtest.workers import Workers
 
 EXPERIMENT = "tfsweep-loadtest"
 

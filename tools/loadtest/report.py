@@ -10,9 +10,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tfsweep.loadtest.clock import GROUPS
+from loadtest.clock import GROUPS
 
-PROJECT_DIR = Path(__file__).resolve().parents[3]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 RESULTS_DIR = PROJECT_DIR / "bench" / "results"
 
 
@@ -86,7 +86,7 @@ def capacity_lines(result: dict[str, Any]) -> list[str]:
 def machine() -> dict[str, Any]:
     """The machine and the coordination software a result was measured on.
 
-    Not `tfsweep.bench.machine.describe()`: that one imports TensorFlow for its version and the CPU's
+    Not `bench.machine.describe()`: that one imports TensorFlow for its version and the CPU's
     float32 peak, which decide training speed, not the servers' and the study's.
     """
     from tfsweep.cpu import read_cpuinfo

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
-from tfsweep.loadtest.clock import measure_calls
-from tfsweep.loadtest.standin import install_stand_in
+from loadtest.clock import measure_calls
+from loadtest.standin import install_stand_in
 
 
 def _cpu_seconds() -> float:

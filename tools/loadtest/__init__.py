@@ -19,9 +19,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from tfsweep.loadtest.level import EXPERIMENT, run_level, sweep_overrides
-from tfsweep.loadtest.report import RESULTS_DIR, default_trial_seconds, estimate_capacity, machine, table
-from tfsweep.loadtest.server_cpu import server_pids
+from loadtest.level import EXPERIMENT, run_level, sweep_overrides
+from loadtest.report import RESULTS_DIR, default_trial_seconds, estimate_capacity, machine, table
+from loadtest.server_cpu import server_pids
 from tfsweep.processes import file_lock, write_atomically
 
 log = logging.getLogger(__name__)

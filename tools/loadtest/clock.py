@@ -1,6 +1,6 @@
 """Timing a worker's coordination calls from outside, with `unittest.mock.patch.object`.
 
-As the benchmark's sweep-overhead row (`tfsweep.bench.overhead`) times real trials, but that one counts
+As the benchmark's sweep-overhead row (`bench.overhead`) times real trials, but that one counts
 the trial's own thread only, so that its phases add up to the trial's wall time. This clock counts every
 thread (MLflow sends metric batches from its own), gives the seconds between two trials to the next one
 (the study lock's recovery runs before the trial it hands out exists) and also times parts of `ask`
