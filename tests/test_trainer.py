@@ -250,6 +250,7 @@ def test_a_process_reads_its_data_once_until_a_file_changes(make_cfg, tmp_path, 
     cfg = make_cfg(**{"data.root": str(root)})
     first = cached_splits(cfg.data)
     assert cached_splits(make_cfg(**{"data.root": str(root)}).data) is first  # the next trial's config
+    assert cached_splits(make_cfg(**{"data.root": str(root), "data.batch_size": "7"}).data) is first
     assert cached_splits(make_cfg(**{"data.root": str(root), "data.validation_size": "20"}).data) is not first
     labels = root / cfg.data.test_labels.name
     labels.write_bytes(labels.read_bytes()[:-1])  # truncated: verified again, refused, fetched again (none)

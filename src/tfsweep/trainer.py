@@ -68,6 +68,7 @@ class Trainer:
         self._probabilities = tf.Variable(tf.zeros([0, cfg.model.num_classes]), trainable=False,
                                           shape=tf.TensorShape([None, cfg.model.num_classes]))
         self.stop_reason: str | None = None  # set by `request_stop`
+        self._eval_data: dict[str, tf.data.Dataset] = {}
         self.start_step = self._restore()
 
     # -- model_dir ---------------------------------------------------------------------------------
@@ -157,7 +158,9 @@ class Trainer:
             hook.before_eval(self, step, prefix)
         for metric in (self.eval_loss, self.eval_accuracy):
             metric.reset_state()
-        for features, batch_labels in eval_input_fn(images, labels, self.cfg.data.eval_batch_size):
+        if split not in self._eval_data:  # one pipeline per split, iterated again at each evaluation
+            self._eval_data[split] = eval_input_fn(images, labels, self.cfg.data.eval_batch_size)
+        for features, batch_labels in self._eval_data[split]:
             self._eval_batch(features, batch_labels)
         metrics = {f"{prefix}/{m.name}": float(m.result()) for m in (self.eval_loss, self.eval_accuracy)}
         for hook in self.hooks:
