@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY_TRAINING
+from tfsweep import runs_view
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,16 @@ def test_train_entry_point_trains_and_tracks(tmp_path, synthetic_data):
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
         [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()])
     assert [r.data.params["model.dropout"] for r in runs] == ["0.25"]
+    # Named by what the command line changed (where files go left out), not by a timestamp.
+    assert runs[0].info.run_name.startswith("validation_size=40 batch_size=20 eval_batch_size=32 filters=[4,8]")
+    assert runs[0].info.run_name.endswith(" optimizer=adam learning_rate=0.01 dropout=0.25")
+    # The runs table's saved view shows those that are params, a group by its name.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    view = client.get_experiment(runs[0].info.experiment_id).tags[runs_view.VIEW_TAG]
+    shown = [c for c in runs_view.view_columns(view) if c.startswith("params.")]
+    assert {"params.`data.batch_size`", "params.`optimizer.name`", "params.`optimizer.learning_rate`",
+            "params.`model.dropout`"} <= set(shown), shown
+    assert {c[len("params.`"):-1] for c in shown} <= set(runs[0].data.params), shown  # not validation_size
 
 
 def unwritable_folder(tmp_path: Path) -> str:

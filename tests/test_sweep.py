@@ -92,15 +92,26 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
         assert not any(key.startswith("test/") for key in child.data.metrics)  # trials never see the test split
 
     parent = client.get_run(parent.info.run_id)
+    # Few, readable params: the settings, and each searched key's range (a timeout of None is no param).
+    assert set(parent.data.params) == {"n_trials", "n_workers", "objective", "seed", "sampler", "pruner", "storage",
+                                       *(f"space.{name}" for name in study.best_params)}
+    assert parent.data.params["objective"] == "maximize val/accuracy"
+    assert parent.data.params["pruner"] == "NopPruner()"
+    assert all(parent.data.params[f"space.{name}"].split()[0] in ("float", "int", "one")
+               for name in study.best_params)
     assert parent.data.metrics["best_value"] == study.best_value
     assert parent.data.tags["best.trial_number"] == str(study.best_trial.number)
     assert {k: parent.data.tags[f"best.{k}"] for k in study.best_params} == {
         k: str(v) for k, v in study.best_params.items()}
     assert parent.data.metrics["best_test_accuracy"] == result["best_test_accuracy"]
+    # The run page opens on the answer: its description names the best trial and its test accuracy.
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Best: trial {study.best_trial.number}**, val/accuracy {study.best_value:.4f}, "
+                           f"test accuracy {result['best_test_accuracy']:.4f}")
+    assert "3 trials (3 complete); all of sweep.n_trials done." in note and "drawn from 5 complete trials on" in note
     assert "best_trial.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert plots == {f"plots/{name}.png" for name in
-                     ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")}
+    assert plots == {"plots/optimization_history.png", "plots/intermediate_values.png"}  # 3 complete trials
 
     # The written best config is a config src/train.py takes, with the best trial's values.
     best_file = Path(result["best_config"])
@@ -203,6 +214,10 @@ def test_aggressive_pruner_prunes_and_pruned_trials_keep_their_curves(tmp_path):
         assert child.data.tags["optuna.state"] == "pruned" and child.info.status == "FINISHED"
         curve = client.get_metric_history(child.info.run_id, "val/accuracy")
         assert curve and max(m.step for m in curve) < 40  # stopped early, curve kept
+        # Told apart in the runs table by its name, which says where its metrics stop.
+        assert child.info.run_name == f"trial-{trial.number:04d} pruned@{max(trial.intermediate_values)}"
+    complete = [children[t.number] for t in load(cfg).trials if t.state == TrialState.COMPLETE]
+    assert all("pruned" not in run.info.run_name for run in complete)
 
 
 def test_a_diverging_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
@@ -428,3 +443,36 @@ def test_a_trial_whose_end_was_torn_off_the_journal_is_retried_not_dropped(tmp_p
     with studies.study_lock(sweep):
         studies.recover(study, sweep)
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+
+
+class FigureClient:
+    """Records the figures `log_plots` logs."""
+
+    def __init__(self):
+        self.paths = []
+
+    def log_figure(self, run_id, figure, path, save_kwargs=None):
+        self.paths.append(path)
+
+
+@pytest.mark.parametrize("n_complete, drawn", [
+    (4, {"optimization_history", "intermediate_values"}),
+    (5, {"optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"}),
+])
+def test_importances_and_parallel_coordinates_wait_for_five_complete_trials(n_complete, drawn):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from tfsweep.sweep_tracking import log_plots
+
+    study = optuna.create_study(direction="maximize")
+    space = {"model.dropout": FloatDistribution(0, 0.7), "optimizer.learning_rate": FloatDistribution(1e-3, 1e-2)}
+    for i in range(n_complete + 3):  # pruned trials tell nothing of importance
+        state = TrialState.COMPLETE if i < n_complete else TrialState.PRUNED
+        study.add_trial(create_trial(
+            params={"model.dropout": 0.05 * i, "optimizer.learning_rate": 1e-3 * (i + 1)}, distributions=space,
+            value=0.9 + 0.01 * i if state == TrialState.COMPLETE else None, state=state,
+            intermediate_values={200: 0.8 + 0.01 * i}))
+    client = FigureClient()
+    log_plots(client, "run", study, "val/accuracy")
+    assert {p.removeprefix("plots/").removesuffix(".png") for p in client.paths} == drawn

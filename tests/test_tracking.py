@@ -56,7 +56,7 @@ EXPECTED_PARAMS = {
 
 
 def test_run_records_params_curves_checkpoints_and_a_loadable_model(make_cfg, caplog):
-    cfg = make_cfg(**{"model.dropout": "0.3"})
+    cfg = make_cfg(**{"model.dropout": "0.3", "tracking.system_metrics_every": "0.2"})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = train(cfg)
@@ -77,8 +77,13 @@ def test_run_records_params_curves_checkpoints_and_a_loadable_model(make_cfg, ca
     assert steps(client, run.info.run_id, "test/accuracy") == [20]
     assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
 
+    # MLflow's system metrics, sampled every 0.2 s of this run of a second or more
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    samples = steps(client, run.info.run_id, "system/cpu_utilization_percentage")
+    assert samples == list(range(len(samples)))
+
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "checkpoints"} <= artifacts
+    assert {"config.yaml", "checkpoints", "curves.png"} <= artifacts
     checkpoints = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert {"checkpoint", "ckpt-20.index", "ckpt-10.index"} <= checkpoints
     assert tracking.RUN_ID_FILE not in checkpoints  # only the checkpoints, not the model_dir's records
@@ -99,6 +104,8 @@ def test_run_records_params_curves_checkpoints_and_a_loadable_model(make_cfg, ca
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
     loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    signature = loaded.metadata.signature  # the model page lists its input, and requests are not held to it
+    assert [(spec.type, spec.shape) for spec in signature.inputs.inputs] == [(np.dtype(np.float32), (-1, 28, 28))]
     splits = load_splits(cfg.data)
     classes = np.asarray(loaded.predict(splits.test_images))  # uint8 pixels, as the IDX files hold them
     assert classes.shape == (len(splits.test_images),) and set(np.unique(classes)) <= set(range(10))

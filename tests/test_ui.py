@@ -1,6 +1,7 @@
 """`make ui` (src/ui.py): the printed addresses open each experiment's runs table, and the server it
 starts reads the same store as training with one worker and no job runner."""
 
+import json
 import os
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 import ui
+from tfsweep import runs_view
 
 
 @pytest.fixture
@@ -29,6 +31,36 @@ def test_one_runs_table_address_per_experiment_with_runs_newest_first(store):
     assert list(ui.runs_table_urls(store, "http://h:1")) == ["newer", "older"]
 
 
+def test_an_experiment_with_the_saved_view_is_opened_in_it(store):
+    client = MlflowClient(store)
+    newer = client.get_experiment_by_name("newer").experiment_id
+    runs_view.save_view(client, newer, ["model.dropout"])
+    urls = ui.runs_table_urls(store, "http://h:1")
+    assert urls["newer"].endswith("/runs?workflowType=machine_learning&viewStateShareKey=tfsweep")
+    assert "viewStateShareKey" not in urls["older"]
+
+
+def test_the_saved_view_adds_each_writers_params_after_the_objective(store):
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("newer").experiment_id
+
+    def stored():
+        tag = client.get_experiment(experiment).tags[runs_view.VIEW_TAG]
+        return json.loads(tag)["name"], runs_view.view_columns(tag)
+
+    runs_view.save_view(client, experiment, ["data.batch_size", "model.dropout"])
+    runs_view.save_view(client, experiment, ["model.dropout", "optimizer.name"])
+    name, columns = stored()
+    assert name == runs_view.VIEW_NAME
+    assert columns == ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`",
+                       "metrics.`val/accuracy`", "metrics.`test/accuracy`", "tags.`optuna.state`",
+                       "params.`data.batch_size`", "params.`model.dropout`", "params.`optimizer.name`"]
+    writes = []
+    client.set_experiment_tag = lambda *args: writes.append(args)
+    runs_view.save_view(client, experiment, ["model.dropout"])  # nothing new: not written again
+    assert writes == []
+
+
 def test_the_default_store_is_trainings(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert ui.default_store() == "sqlite:///mlflow.db"
@@ -45,8 +77,11 @@ def test_prints_the_addresses_then_becomes_mlflow_ui_with_one_worker_and_no_job_
     [(path, argv, env)] = calls
     assert path == sys.executable and argv[1:4] == ["-m", "mlflow", "ui"]
     options = dict(zip(argv[4::2], argv[5::2]))
-    assert options == {"--workers": "1", "--host": "0.0.0.0", "--port": "5123", "--backend-store-uri": store}
+    assert options == {"--workers": "1", "--host": "0.0.0.0", "--port": "5123", "--backend-store-uri": store,
+                       "--uvicorn-opts": "--no-access-log"}  # quiet: no line per HTTP request
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    ui.main(["--access-log", "--backend-store-uri", store])
+    assert "--uvicorn-opts" not in calls[-1][1]
 
 
 def test_a_database_password_goes_to_the_environment_not_the_command_line(monkeypatch, capsys):

@@ -12,7 +12,7 @@ import enum
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -131,6 +131,8 @@ class TrackingConfig:
     run_name: Any = MISSING  # str or None
     log_checkpoints: bool = MISSING
     log_model: bool = MISSING
+    log_curves: bool = MISSING
+    system_metrics_every: Optional[float] = MISSING  # seconds between samples, or None for none
     registered_model_name: Any = MISSING  # str or None: where a sweep registers its best trial's model
     params: list[str] = MISSING  # config keys and groups logged as MLflow params
 
@@ -163,6 +165,26 @@ def _output_dir() -> str:
     return OmegaConf.select(hydra, "runtime.output_dir", default=None) or hydra.run.dir
 
 
+# Command-line keys that say where things go, not what is trained: left out of a run's default name.
+UNNAMED_KEYS = ("paths.", "tracking.", "hydra.", "data.root", "data.mirrors", "data.fallback", "data.train_",
+                "data.test_", "trainer.model_dir", "trainer.progress_bar")
+
+
+def changed_settings() -> list[tuple[str, str]]:
+    """(key, value) of each setting the command line changes, plumbing (UNNAMED_KEYS) left out; [] when
+    the config was not composed by a Hydra command line."""
+    if not HydraConfig.initialized():
+        return []
+    changed = [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
+    return [(key, value) for key, _, value in (o.partition("=") for o in changed if not o.startswith(UNNAMED_KEYS))]
+
+
+def run_name() -> str | None:
+    """`${tfsweep.run_name:}`: a training run named by what its command line changes, `dropout=0.4 steps=300`
+    (each key's last part); None, for the output folder's date and time, when it changes nothing."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in changed_settings()) or None
+
+
 def evaluation_interval(steps: int, points: int, at_most: int) -> int:
     """Steps between validation passes that give a run of `steps` at least `points` of them, but never
     fewer than one per `at_most` steps (the `${tfsweep.evaluation_interval:...}` resolver)."""
@@ -186,6 +208,7 @@ def register_configs() -> None:
     cs.store(name="cosine_schedule_schema", node=CosineScheduleConfig)
     OmegaConf.register_new_resolver("tfsweep.minus", minus, replace=True)
     OmegaConf.register_new_resolver("tfsweep.output_dir", _output_dir, replace=True)
+    OmegaConf.register_new_resolver("tfsweep.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("tfsweep.evaluation_interval", evaluation_interval, replace=True)
 
 
@@ -272,6 +295,9 @@ def validate_schedule(cfg: DictConfig) -> None:
                  f"it must be in [0, trainer.steps={cfg.trainer.steps})")
         require(0 <= s.alpha <= 1, "schedule.alpha", s.alpha, "it must be in [0, 1]: a fraction of the peak")
     require(s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "it must be a positive integer")
+    every = cfg.tracking.system_metrics_every
+    require(every is None or every > 0, "tracking.system_metrics_every", every,
+            "it must be a positive number of seconds, or null for none")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -48,9 +48,12 @@ def log_model(uri: str, run_id: str, trainer) -> str:
     for model in client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"):
         client.delete_logged_model(model.model_id)
     name, step = model_name(run.info.run_name), int(trainer.global_step.numpy())
-    # Outputs only: predict checks its input itself, so that uint8 and float images, [n, 28, 28],
-    # [n, 28, 28, 1] and [n, 784] are all accepted (an input schema would fix one dtype and shape).
-    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int32), (-1,), "digit")]))
+    # The input states the network's own form, float32 [n, 28, 28] in [0, 1]; MLflow checks it only
+    # against the input example, and leaves requests to predict, which also takes uint8 pixels,
+    # [n, 28, 28, 1] and [n, 784] (the flag MLflow sets for models that validate in predict).
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.int32), (-1,), "digit")]))
+    signature._is_signature_from_type_hint = True
     with tempfile.TemporaryDirectory() as tmp:
         network_path = Path(tmp) / "network.keras"
         trainer.network.save(network_path)
@@ -64,7 +67,7 @@ def log_model(uri: str, run_id: str, trainer) -> str:
                 python_model=str(Path(__file__).with_name("serving.py")),
                 artifacts={"network": str(network_path)},
                 signature=signature,
-                input_example=trainer.splits.test_images[:3],  # raw uint8 pixels, as the IDX files hold them
+                input_example=trainer.splits.test_images[:3].astype(np.float32) / 255.0,
                 step=step,  # MLflow links the model to this step's metrics
                 pip_requirements=[f"tensorflow-cpu=={tf_version}", f"keras=={keras_version}",
                                   f"mlflow=={mlflow.__version__}"],

@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tfsweep import study as studies
-from tfsweep import sweep_tracking
-from tfsweep.config import flatten
+from tfsweep import runs_view, sweep_tracking
 from tfsweep.credentials import redact_url
 from tfsweep.crashpoints import crashpoint
 from tfsweep.sweep_config import SweepContext, check, command_overrides
 from tfsweep.sweep_results import BEST_CONFIG, Ending, is_publisher, publish_results, summarize
 from tfsweep.sweep_trial import run_trial, short, summary_line
+from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     study = studies.load_study(sweep, storage)
     already_finished = studies.is_finished(study, sweep.n_trials)
     if client is not None:
-        settings = {f"sweep.{k}": v for k, v in flatten(cfg.sweep).items()}
-        settings["sweep.storage"] = redact_url(sweep.storage)  # no database password in MLflow
+        settings = sweep_tracking.study_params(sweep, redact_url(sweep.storage))  # no database password
         ctx.parent_run_id = sweep_tracking.parent_run(client, ctx.experiment, study, settings)
+        runs_view.save_view(client, experiment_id(client, ctx.experiment), sweep.params)
     if already_finished and client is not None and study.best_trials and sweep_tracking.is_published(
             client, ctx.parent_run_id, studies.finished_trials(study), study.best_trial.number):
         result = summarize(study)

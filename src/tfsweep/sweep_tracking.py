@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking.context.registry import resolve_tags
@@ -32,12 +33,35 @@ STATE_TAG = "optuna.state"  # an Outcome value, on each child
 NUMBER_TAG = "optuna.trial_number"
 TESTED_TAG = "best.test_trial_number"  # on the parent: the trial whose test accuracy it holds
 PUBLISHED_TAG = "sweep.published_trials"  # on the parent: how many finished trials its results cover
+NOTE_TAG = "mlflow.note.content"  # MLflow's run description
 ENDED_TAG = "sweep.ended_by"  # on the parent: n_trials, timeout or interrupted (an Ending value)
 PARENT_ATTR = "mlflow_parent_run_id"  # in the study's user attributes
 CHAMPION = "champion"  # the registered model's alias for the best trial of the last published study
 PLOTS = ("plot_optimization_history", "plot_param_importances", "plot_parallel_coordinate",
          "plot_intermediate_values")
+# Importances and parallel coordinates of fewer complete trials look like findings and are none.
+COMPARISON_PLOTS, COMPARISON_TRIALS = ("plot_param_importances", "plot_parallel_coordinate"), 5
 PLOT_SIZE = (10, 6)  # inches at 100 dpi: room for the axis names of four or five searched params
+
+
+def study_params(sweep, storage: str) -> dict[str, str]:
+    """The parent run's params, few and readable: the budget, the objective, the sampler and pruner with
+    their settings, and each searched key's range (`space.model.dropout`: `float 0.0..0.7`)."""
+    def method(node) -> str:
+        settings = {k: v for k, v in node.items() if k != "_target_" and v is not None}
+        return f"{node['_target_'].rsplit('.', 1)[-1]}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+
+    def space(spec) -> str:
+        if spec.type.value == "categorical":
+            return f"one of {list(spec.choices)}"
+        cast = int if spec.type.value == "int" else float
+        step = f" step {cast(spec.step)}" if spec.step else ""
+        return f"{spec.type.value} {cast(spec.low)}..{cast(spec.high)}{' log' if spec.log else ''}{step}"
+
+    params = {"n_trials": sweep.n_trials, "timeout": sweep.timeout, "n_workers": sweep.n_workers,
+              "objective": f"{sweep.direction.value} {sweep.metric}", "seed": sweep.seed,
+              "sampler": method(sweep.sampler), "pruner": method(sweep.pruner), "storage": storage}
+    return {**params, **{f"space.{name}": space(spec) for name, spec in sweep.params.items()}}
 
 
 def parent_run(client: MlflowClient, experiment: str, study, params: dict[str, Any]) -> str:
@@ -139,6 +163,7 @@ def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[
                 **{f"best.{name}": str(value) for name, value in best.params.items()}}
         if model_uri:
             tags["best.model_uri"] = model_uri
+        tags[NOTE_TAG] = description(study.best_trial, metric, counts, test_accuracy, model_uri, ended)
         # One request, so a crash leaves all of it or none of it.
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
@@ -147,6 +172,26 @@ def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[
     client.log_dict(run_id, {"trial": best.number, metric: best.value, "params": best.params}, "best_params.json")
     client.log_artifact(run_id, str(config_path))
     log_plots(client, run_id, study, metric)
+
+
+ENDINGS = {"n_trials": "all of sweep.n_trials done", "timeout": "stopped by sweep.timeout",
+           "interrupted": "interrupted; the same command continues it"}
+
+
+def description(best, metric: str, counts: dict[str, int], test_accuracy: float, model_uri: str | None,
+                ended: str) -> str:
+    """The parent run's description (MLflow shows it atop the run page): the answer, in Markdown."""
+    params = ", ".join(f"`{name}={value:.4g}`" if isinstance(value, float) else f"`{name}={value}`"
+                       for name, value in best.params.items())
+    finished = ", ".join(f"{n} {key.removeprefix('n_')}" for key, n in counts.items() if n)
+    lines = [f"**Best: trial {best.number}**, {metric} {best.value:.4f}, test accuracy {test_accuracy:.4f}",
+             f"with {params}", f"{sum(counts.values())} trials ({finished}); {ENDINGS.get(ended, ended)}."]
+    if model_uri:
+        lines.append(f"Its model: `{model_uri}`, alias `{CHAMPION}`.")
+    if counts.get("n_complete", 0) < COMPARISON_TRIALS:
+        lines.append(f"The importance and parallel-coordinate plots are drawn from {COMPARISON_TRIALS} complete "
+                     "trials on.")
+    return "\n\n".join(lines)
 
 
 def log_plots(client: MlflowClient, run_id: str, study, metric: str) -> None:
@@ -158,7 +203,12 @@ def log_plots(client: MlflowClient, run_id: str, study, metric: str) -> None:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as plots
 
-    for name in PLOTS:
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    names = [n for n in PLOTS if complete >= COMPARISON_TRIALS or n not in COMPARISON_PLOTS]
+    if len(names) < len(PLOTS):
+        log.info("importance and parallel-coordinate plots wait for %d complete trials (%d so far)",
+                 COMPARISON_TRIALS, complete)
+    for name in names:
         try:
             with warnings.catch_warnings(action="ignore"):  # experimental plots; one-trial legends warn
                 named = {} if name == "plot_intermediate_values" else {"target_name": metric}

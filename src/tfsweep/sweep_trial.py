@@ -168,7 +168,7 @@ def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> No
     trial.set_user_attr("training_seconds", round(timer.training_seconds, 3))
     if cfg is not None:
         trial.set_user_attr("trial_dir", cfg.paths.output_dir)
-        _tag_child(cfg, trial, result, reason)
+        _tag_child(cfg, trial, result, reason, pruning.pruned_at)
     if result is Outcome.complete:
         study.tell(trial, metrics[sweep.metric])
     elif result is Outcome.pruned:
@@ -179,7 +179,9 @@ def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> No
     crashpoint("sweep.after_tell")
 
 
-def _tag_child(cfg: DictConfig, trial: optuna.Trial, result: Outcome, reason: str | None) -> None:
+def _tag_child(cfg: DictConfig, trial: optuna.Trial, result: Outcome, reason: str | None,
+               pruned_at: int | None) -> None:
+    """The trial's outcome on its run; a pruned run's name says so, and at which step its metrics stop."""
     run_id = recorded_run_id(cfg.trainer.model_dir) if cfg.tracking.enabled else None
     if run_id is None:
         return
@@ -189,6 +191,8 @@ def _tag_child(cfg: DictConfig, trial: optuna.Trial, result: Outcome, reason: st
 
         client = mlflow.MlflowClient(cfg.tracking.uri)
         client.set_tag(run_id, sweep_tracking.STATE_TAG, result.value)
+        if pruned_at is not None:
+            client.update_run(run_id, name=f"{cfg.tracking.run_name} pruned@{pruned_at}")
         if reason:
             client.set_tag(run_id, "optuna.fail_reason", reason[:5000])
     except Exception as exc:  # the trial's own outcome matters more than its tag

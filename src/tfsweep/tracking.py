@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,9 +25,9 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from omegaconf import DictConfig, OmegaConf
 
-from tfsweep import logged_model
+from tfsweep import logged_model, runs_view
 from tfsweep.checkpoint_artifacts import CheckpointUploader, uploads_while_training
-from tfsweep.config import flatten
+from tfsweep.config import changed_settings, flatten
 from tfsweep.crashpoints import crashpoint
 from tfsweep.data import METRIC_PREFIXES
 from tfsweep.credentials import redact_url
@@ -69,6 +70,12 @@ def run_params(cfg: DictConfig) -> dict[str, str]:
 
     return {key: str(value)[:6000] for wanted in cfg.tracking.params for key, value in flat.items()
             if (key == wanted or key.startswith(f"{wanted}.")) and value is not None and not named_group_target(key)}
+
+
+def varied_params(params: dict[str, str]) -> list[str]:
+    """The params the command line changed (`model.dropout=0.4`; `optimizer=sgd` as `optimizer.name`)."""
+    keys = [key for setting, _ in changed_settings() for key in (setting, f"{setting}.name")]
+    return [key for key in keys if key in params]
 
 
 def dataset_inputs(cfg: DictConfig, splits) -> list[DatasetInput]:
@@ -114,6 +121,7 @@ class MlflowHook(Hook):
         self._sender: ThreadPoolExecutor | None = None
         self._sending: list[Future] = []  # batches not yet known to be stored
         self._checkpoints: CheckpointUploader | None = None
+        self._system_metrics: SystemMetrics | None = None  # CPU and memory samples, while the run trains
 
     # -- run lifecycle -----------------------------------------------------------------------------
     def _recorded_run_id(self, model_dir: Path, exp_id: str) -> str | None:
@@ -141,6 +149,8 @@ class MlflowHook(Hook):
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         params = run_params(self.cfg)
+        if self.parent_run_id is None:  # a sweep shows its searched params itself
+            runs_view.save_view(self.client, exp_id, varied_params(params))
         if run_id is None:
             key = uuid.uuid4().hex
             write_atomically(model_dir / RUN_KEY_FILE, key)
@@ -167,6 +177,12 @@ class MlflowHook(Hook):
                             "the new ones are in config.yaml", ", ".join(changed))
         self.run_id = run_id
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        if (every := self.cfg.tracking.system_metrics_every) is not None:
+            try:  # a resumed run's samples go on after its last one
+                first = 1 + max((step for key, step in self._logged if key.startswith(SYSTEM_METRICS)), default=-1)
+                self._system_metrics = SystemMetrics(every, first, self._send_system_metrics)
+            except ImportError as exc:  # psutil
+                log.info("no system metrics: %s", exc)
         self._checkpoints = CheckpointUploader(self.client, run_id, self.cfg.tracking.log_checkpoints
                                                and uploads_while_training(self.cfg.tracking.uri))
         missing = [Param(k, v) for k, v in params.items() if k not in logged_params]
@@ -194,6 +210,12 @@ class MlflowHook(Hook):
             self._sending.append(self._sender.submit(self.client.log_batch, self.run_id, metrics=new))
             self._logged.update((metric.key, step) for metric in new)
 
+    def _send_system_metrics(self, step: int, values: dict[str, float]) -> None:
+        """From the sampling thread: straight to the sender, outside the training points' bookkeeping."""
+        now = int(time.time() * 1000)
+        self._sender.submit(self.client.log_batch, self.run_id,
+                            metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+
     def after_log(self, trainer, step, logs):
         self._log(step, logs)
 
@@ -218,13 +240,17 @@ class MlflowHook(Hook):
         if self.run_id is None:
             return
         crashpoint("tracking.before_flush")
+        if self._system_metrics is not None:
+            self._system_metrics.stop()
         try:
             self._wait_for_queue()
         finally:
-            self._sender.shutdown()
+            self._sender.shutdown()  # after the system metrics' last batch
         if error is None:
             if self.cfg.tracking.log_checkpoints:
                 self._checkpoints.finish(trainer.model_dir, trainer.manager.checkpoints)
+            if self.cfg.tracking.log_curves:
+                log_curves(self.client, self.run_id)
             if self.cfg.tracking.log_model:
                 logged_model.log_model(self.cfg.tracking.uri, self.run_id, trainer)
             if trainer.stop_reason:
@@ -236,3 +262,57 @@ class MlflowHook(Hook):
             status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
             self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+
+SYSTEM_METRICS = "system/"  # the prefix MLflow's "System metrics" tab shows
+
+
+class SystemMetrics:
+    """CPU and memory use, sampled every `every` seconds on a thread and sent with `send(step, metrics)`,
+    under the names MLflow's own monitor uses.
+
+    Not MLflow's SystemMetricsMonitor: it opens a client of its own from the URI (a password in it goes
+    into its warnings), asks the server for the run at every sample, and its finish waits out its retries.
+    """
+
+    def __init__(self, every: float, first_step: int, send) -> None:
+        import psutil
+
+        self._psutil, self._stop = psutil, threading.Event()
+        psutil.cpu_percent()  # the first call only sets the baseline the next one measures from
+        self._thread = threading.Thread(target=self._sample, args=(every, first_step, send),
+                                        name="system-metrics", daemon=True)
+        self._thread.start()
+
+    def _sample(self, every: float, step: int, send) -> None:
+        while not self._stop.wait(every):
+            memory = self._psutil.virtual_memory()
+            send(step, {f"{SYSTEM_METRICS}cpu_utilization_percentage": self._psutil.cpu_percent(),
+                        f"{SYSTEM_METRICS}system_memory_usage_megabytes": memory.used / 1e6,
+                        f"{SYSTEM_METRICS}system_memory_usage_percentage": memory.percent})
+            step += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+CURVES = ("loss", "accuracy")  # each a chart of its train/ and val/ curves
+
+
+def log_curves(client: MlflowClient, run_id: str) -> None:
+    """curves.png: the train and validation curve of each metric on one chart (MLflow's own charts show
+    one metric each)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    for axes, name in zip(figure.subplots(1, len(CURVES)), CURVES):
+        for split in ("train", "validation"):
+            key = f"{METRIC_PREFIXES[split]}/{name}"
+            points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            if points:
+                axes.plot(*zip(*points), label=key, marker="o" if split == "validation" else None, markersize=3)
+        axes.set(title=name, xlabel="step")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    client.log_figure(run_id, figure, "curves.png")
