@@ -280,6 +280,9 @@ def validate(cfg: DictConfig) -> None:
              "hold out at least one training image; validation metrics and sweeps are computed on them")
     for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         require(t[key] > 0, f"trainer.{key}", t[key], "it must be a positive integer")
+    every = cfg.tracking.system_metrics_every
+    require(every is None or every > 0, "tracking.system_metrics_every", every,
+            "it must be a positive number of seconds, or null for none")
     validate_schedule(cfg)
 
 
@@ -295,9 +298,6 @@ def validate_schedule(cfg: DictConfig) -> None:
                  f"it must be in [0, trainer.steps={cfg.trainer.steps})")
         require(0 <= s.alpha <= 1, "schedule.alpha", s.alpha, "it must be in [0, 1]: a fraction of the peak")
     require(s.decay_steps > 0, "schedule.decay_steps", s.decay_steps, "it must be a positive integer")
-    every = cfg.tracking.system_metrics_every
-    require(every is None or every > 0, "tracking.system_metrics_every", every,
-            "it must be a positive number of seconds, or null for none")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -180,7 +180,7 @@ class MlflowHook(Hook):
         if (every := self.cfg.tracking.system_metrics_every) is not None:
             try:  # a resumed run's samples go on after its last one
                 first = 1 + max((step for key, step in self._logged if key.startswith(SYSTEM_METRICS)), default=-1)
-                self._system_metrics = SystemMetrics(every, first, self._send_system_metrics)
+                self._system_metrics = SystemMetrics(every, first, self._send)
             except ImportError as exc:  # psutil
                 log.info("no system metrics: %s", exc)
         self._checkpoints = CheckpointUploader(self.client, run_id, self.cfg.tracking.log_checkpoints
@@ -203,18 +203,17 @@ class MlflowHook(Hook):
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         """Queue the points the run does not have yet; they are sent off the training loop."""
-        now = int(time.time() * 1000)
-        new = [Metric(key, float(value), now, step) for key, value in values.items()
-               if (key, step) not in self._logged]
+        new = {key: value for key, value in values.items() if (key, step) not in self._logged}
         if new:
-            self._sending.append(self._sender.submit(self.client.log_batch, self.run_id, metrics=new))
-            self._logged.update((metric.key, step) for metric in new)
+            self._sending.append(self._send(step, new))
+            self._logged.update((key, step) for key in new)
 
-    def _send_system_metrics(self, step: int, values: dict[str, float]) -> None:
-        """From the sampling thread: straight to the sender, outside the training points' bookkeeping."""
+    def _send(self, step: int, values: dict[str, float]) -> Future:
+        """One batch of points at `step`, sent by the sender thread; the system metrics' sampler sends
+        straight here, outside the training points' bookkeeping."""
         now = int(time.time() * 1000)
-        self._sender.submit(self.client.log_batch, self.run_id,
-                            metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+        return self._sender.submit(self.client.log_batch, self.run_id,
+                                   metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
 
     def after_log(self, trainer, step, logs):
         self._log(step, logs)
