@@ -104,6 +104,33 @@ def test_a_sweep_stopped_by_its_timeout_publishes_and_its_rerun_continues_and_pu
                                                                                  second["n_complete"])]
 
 
+def test_sigterm_that_a_library_turns_into_another_error_still_ends_the_sweep(tmp_path, monkeypatch):
+    """OmegaConf's cleanup replaces a KeyboardInterrupt landing inside it by a ConfigKeyError: the trial
+    must still count as interrupted (retried later) and the sweep end, not go on."""
+    from tfsweep import sweep_trial
+
+    real, calls = sweep_trial.trial_config, []
+
+    def trial_config(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt:
+                raise ValueError("'NoneType' object has no attribute '_invalidate_flags_cache'") from None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_trial, "trial_config", trial_config)
+    cfg = compose_sweep(tiny_overrides(tmp_path, steps=20) + ["sweep.n_trials=3"])
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg)
+    trials = journal_trials(tmp_path / "tiny" / "journal.log", "tiny")
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert "fail_reason" not in trials[1].user_attrs  # not counted: queued again, for the next run
+    assert_published(tmp_path, {"best_trial": 0}, "interrupted", "KILLED")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_sweep_ended_by_sigterm_publishes_what_it_finished_and_its_trial_is_retried_later(tmp_path):
     command = sweep_command(tiny_overrides(tmp_path, steps=400) + ["sweep.n_trials=5"])
     process = subprocess.Popen(command, env=sweep_env(), cwd=PROJECT_DIR, stdout=subprocess.PIPE,

@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from tfsweep.credentials import redact_url
 from tfsweep.crashpoints import crashpoint
 from tfsweep.sweep_config import SweepContext, check, command_overrides
 from tfsweep.sweep_results import BEST_CONFIG, Ending, is_publisher, publish_results, summarize
-from tfsweep.sweep_trial import run_trial, short, summary_line
+from tfsweep.sweep_trial import catch_interrupts, interrupted, run_trial, short, summary_line
 from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
@@ -87,23 +86,23 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
             run_trial(ctx, study, trial)
             log.info("%s", summary_line(study.trials[trial.number], sweep.metric))
             bar.update(studies.finished_trials(study) - bar.n)
+            if interrupted():  # the interrupt was caught on its way up by a library's own handler
+                raise KeyboardInterrupt
 
 
 def _helper_worker(ctx: SweepContext, worker_index: int) -> None:
     """Entry of an extra worker process (spawned: TensorFlow does not survive a fork)."""
     logging.basicConfig(level=logging.INFO, format=f"[worker {worker_index}] %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)
+    catch_interrupts()
     try:
         work(ctx, worker_index, show_progress=False)
-    except KeyboardInterrupt:
-        sys.exit(130)  # its trial told Optuna it was interrupted; the command publishes
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) or interrupted():
+            sys.exit(130)  # its trial told Optuna it was interrupted; the command publishes
+        raise
 
 
 # -- the command -----------------------------------------------------------------------------------
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a sweep the way Ctrl-C does: trial retried, results published
-
-
 def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) the study `cfg.sweep` describes; return `summarize`'s outcome with `wall_seconds`
     (this call), `mlflow_parent_run_id`, `published` (whether this command published the study's results)
@@ -143,17 +142,18 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     if client is not None:
         sweep_tracking.set_status(client, ctx.parent_run_id, RunStatus.RUNNING)
 
-    interrupted, status = False, RunStatus.FAILED
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    stopped, status = False, RunStatus.FAILED
+    previous = catch_interrupts()
     try:
         try:
             _run_workers(ctx)
-        except KeyboardInterrupt:
-            interrupted = True
+        except BaseException as exc:
+            if not (isinstance(exc, KeyboardInterrupt) or interrupted()):
+                raise
+            stopped = True
             log.warning("interrupted: publishing the trials finished so far (Ctrl-C again to skip)")
         study = studies.load_study(sweep, storage)
-        ended = Ending.of(study, sweep.n_trials, interrupted)
+        ended = Ending.of(study, sweep.n_trials, stopped)
         result = summarize(study)
         result["published"] = is_publisher(study, sweep, already_finished)
         if result["published"]:
@@ -165,12 +165,12 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if client is not None and status is not None:
             sweep_tracking.set_status(client, ctx.parent_run_id, status)
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     result["wall_seconds"] = time.perf_counter() - started
     result["mlflow_parent_run_id"] = ctx.parent_run_id
     _report(sweep, study, result)
-    if interrupted:
+    if stopped:
         raise KeyboardInterrupt
     return result
 

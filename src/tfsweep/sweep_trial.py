@@ -6,6 +6,8 @@ A retried trial continues its first attempt's folder, so its checkpoints and its
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,27 @@ log = logging.getLogger(__name__)
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attributes, set as soon as the trial's MLflow run exists
 RUN_URL_ATTR = "mlflow_run_url"
 RESTORED_ATTR = "restored_step"  # a retry that resumed from a checkpoint its run logged on another machine
+
+_interrupted = threading.Event()  # Ctrl-C or SIGTERM reached this process
+
+
+def catch_interrupts() -> dict[int, Any]:
+    """Make Ctrl-C and SIGTERM end the sweep (trial retried, results published); return the handlers
+    replaced. The request is remembered, because the KeyboardInterrupt raised may land inside a
+    library's cleanup and come out as another error (OmegaConf's does)."""
+    _interrupted.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _on_interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    return _interrupted.is_set()
 
 
 class PruningHook(Hook):
@@ -157,12 +180,15 @@ def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> No
             metrics = train(cfg, hooks=[TrialRunHook(trial, params), pruning, timer],
                             parent_run_id=ctx.parent_run_id, run_tags=tags)
         result = Outcome.pruned if pruning.pruned_at is not None else Outcome.complete
-    except Exception as exc:  # a trial that raises is failed with its reason, and the sweep goes on
-        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
-    except BaseException:  # Ctrl-C: failed without a reason, so it is retried when the sweep runs again
-        trial.set_user_attr("training_seconds", round(timer.training_seconds, 3))
-        study.tell(trial, state=TrialState.FAIL)
-        raise
+    except BaseException as exc:
+        if isinstance(exc, Exception) and not interrupted():  # failed with its reason; the sweep goes on
+            reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
+        else:  # Ctrl-C or SIGTERM: failed without a reason, so it is retried when the sweep runs again
+            trial.set_user_attr("training_seconds", round(timer.training_seconds, 3))
+            study.tell(trial, state=TrialState.FAIL)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise KeyboardInterrupt from exc
     finally:
         _clear_keras()
     trial.set_user_attr("training_seconds", round(timer.training_seconds, 3))
