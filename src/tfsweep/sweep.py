@@ -35,7 +35,7 @@ from tfsweep.credentials import redact_url
 from tfsweep.crashpoints import crashpoint
 from tfsweep.sweep_config import SweepContext, check, command_overrides
 from tfsweep.sweep_results import BEST_CONFIG, Ending, is_publisher, publish_results, summarize
-from tfsweep.sweep_trial import catch_interrupts, interrupted, run_trial, short, summary_line
+from tfsweep.sweep_trial import catch_interrupts, interrupted, is_interrupt, run_trial, short, summary_line
 from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _helper_worker(ctx: SweepContext, worker_index: int) -> None:
     try:
         work(ctx, worker_index, show_progress=False)
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) or interrupted():
+        if is_interrupt(exc):
             sys.exit(130)  # its trial told Optuna it was interrupted; the command publishes
         raise
 
@@ -148,7 +148,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         try:
             _run_workers(ctx)
         except BaseException as exc:
-            if not (isinstance(exc, KeyboardInterrupt) or interrupted()):
+            if not is_interrupt(exc):
                 raise
             stopped = True
             log.warning("interrupted: publishing the trials finished so far (Ctrl-C again to skip)")

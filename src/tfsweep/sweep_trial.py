@@ -57,6 +57,11 @@ def interrupted() -> bool:
     return _interrupted.is_set()
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` ends the sweep: Ctrl-C, SIGTERM, or any error raised after either."""
+    return isinstance(exc, KeyboardInterrupt) or interrupted()
+
+
 class PruningHook(Hook):
     """Reports each validation evaluation to Optuna and stops training when the pruner says so."""
 
@@ -181,7 +186,7 @@ def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> No
                             parent_run_id=ctx.parent_run_id, run_tags=tags)
         result = Outcome.pruned if pruning.pruned_at is not None else Outcome.complete
     except BaseException as exc:
-        if isinstance(exc, Exception) and not interrupted():  # failed with its reason; the sweep goes on
+        if isinstance(exc, Exception) and not is_interrupt(exc):  # failed with its reason; the sweep goes on
             reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
         else:  # Ctrl-C or SIGTERM: failed without a reason, so it is retried when the sweep runs again
             trial.set_user_attr("training_seconds", round(timer.training_seconds, 3))
