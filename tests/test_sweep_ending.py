@@ -152,3 +152,34 @@ def test_a_sweep_ended_by_sigterm_publishes_what_it_finished_and_its_trial_is_re
     best = max(complete, key=lambda t: t.value)
     assert_published(tmp_path, {"best_trial": best.number}, "interrupted", "KILLED")
     assert "run the same command again to continue" in output
+
+
+# -- who publishes ---------------------------------------------------------------------------------
+def test_one_worker_publishes_trials_that_several_workers_leave_even_after_the_first_has_exited(tmp_path, monkeypatch):
+    """Workers on a database wait for each other's trials and leave seconds apart: the first to leave
+    publishes, and a later one with no trial finished since does not publish again, whether the first is
+    still at it or has exited; it does if the first died before it was done."""
+    from tfsweep import study as studies
+    from tfsweep.sweep_results import is_publisher, mark_published
+
+    sweep = check(compose_sweep(tiny_overrides(tmp_path) + [f"sweep.storage=sqlite:///{tmp_path}/optuna.db"]))
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.9))
+    me, alive = {"worker": "a:1"}, {"a:1", "b:2", "c:3"}
+    monkeypatch.setattr(studies, "worker_id", lambda: me["worker"])
+    monkeypatch.setattr(studies, "worker_alive", lambda worker: worker in alive)
+
+    assert is_publisher(study, sweep, already_finished=False)  # a leaves first
+    me["worker"] = "b:2"
+    assert not is_publisher(study, sweep, already_finished=False)  # a is publishing
+    me["worker"] = "a:1"
+    mark_published(study, sweep)
+    alive.discard("a:1")  # a published and exited
+    me["worker"] = "b:2"
+    assert not is_publisher(study, sweep, already_finished=False)
+
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.8))  # a retry finished since
+    assert is_publisher(study, sweep, already_finished=False)
+    alive.discard("b:2")  # b died while publishing it
+    me["worker"] = "c:3"
+    assert is_publisher(study, sweep, already_finished=False)

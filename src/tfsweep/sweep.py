@@ -34,7 +34,7 @@ from tfsweep import runs_view, sweep_tracking
 from tfsweep.credentials import redact_url
 from tfsweep.crashpoints import crashpoint
 from tfsweep.sweep_config import SweepContext, check, command_overrides
-from tfsweep.sweep_results import BEST_CONFIG, Ending, is_publisher, publish_results, summarize
+from tfsweep.sweep_results import BEST_CONFIG, Ending, is_publisher, mark_published, publish_results, summarize
 from tfsweep.sweep_trial import catch_interrupts, interrupted, is_interrupt, run_trial, short, summary_line
 from tfsweep.tracking_store import experiment_id
 
@@ -158,6 +158,7 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         result["published"] = is_publisher(study, sweep, already_finished)
         if result["published"]:
             result.update(publish_results(cfg, ctx, study, client, result, ended))
+            mark_published(study, sweep)
         status = ended.run_status if result["published"] or not studies.any_running(study) else None
     except KeyboardInterrupt:  # a second Ctrl-C, while publishing
         status = RunStatus.KILLED

@@ -55,11 +55,20 @@ def is_publisher(study: optuna.Study, sweep: SweepConfig, already_finished: bool
             return True
         claim = {"worker": studies.worker_id(), "finished": studies.finished_trials(study)}
         claimed = study.user_attrs.get(studies.PUBLISHER_ATTR) or {}
-        if (claimed.get("finished") == claim["finished"] and claimed != claim
-                and studies.worker_alive(claimed["worker"])):
-            return False  # two workers left at once; the other one claimed it first
+        if (claimed.get("finished") == claim["finished"] and claimed.get("worker") != claim["worker"]
+                and (claimed.get("done") or studies.worker_alive(claimed["worker"]))):
+            return False  # another worker publishes these trials, or has published them and left
         study.set_user_attr(studies.PUBLISHER_ATTR, claim)
         return True
+
+
+def mark_published(study: optuna.Study, sweep: SweepConfig) -> None:
+    """Record that this worker's claim is published, so a worker that leaves after it has exited, with no
+    trial finished since, does not publish the same trials again."""
+    with studies.study_lock(sweep):
+        claimed = study.user_attrs.get(studies.PUBLISHER_ATTR) or {}
+        if claimed.get("worker") == studies.worker_id():
+            study.set_user_attr(studies.PUBLISHER_ATTR, {**claimed, "done": True})
 
 
 def summarize(study: optuna.Study) -> dict[str, Any]:
