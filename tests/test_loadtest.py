@@ -121,8 +121,9 @@ def test_table_has_every_column_and_one_row_per_level():
 
 
 def test_capacity_names_the_lowest_ceiling_and_the_fastest_growing_call():
-    small, large = level(2, ask=0.01, lock_hold=0.004), level(16, ask=0.2, lock_hold=0.004)
+    small, large = level(2, ask=0.01), level(16, ask=0.2)
     large["server_cpu_seconds_per_trial"] = {"mlflow": 0.4, "postgres": 0.05}
+    large["alone_hold_seconds_per_trial"] = 0.004
     estimate = report.estimate_capacity([small, large], trial_seconds=40.0, server_cores=2)
     assert estimate["workers_by_ceiling"] == {"mlflow CPU": 200, "postgres CPU": 1600, "study lock": 10000}
     assert estimate["first_limit"] == "mlflow CPU" and estimate["workers"] == 200

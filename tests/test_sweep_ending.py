@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from sweep_fixtures import PROJECT_DIR, journal_trials, sweep_command, sweep_env, tiny_overrides
+from tfsweep import study as studies
 from tfsweep.sweep import run_sweep
 from tfsweep.sweep_config import build, check, compose_sweep
 
@@ -125,8 +126,9 @@ def test_sigterm_that_a_library_turns_into_another_error_still_ends_the_sweep(tm
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg)
     trials = journal_trials(tmp_path / "tiny" / "journal.log", "tiny")
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]
     assert "fail_reason" not in trials[1].user_attrs  # not counted: queued again, for the next run
+    assert [studies.retry_history(t) for t in trials[2:]] == [[], [1]]  # the budget's third trial, and the retry
     assert_published(tmp_path, {"best_trial": 0}, "interrupted", "KILLED")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
@@ -159,7 +161,6 @@ def test_one_worker_publishes_trials_that_several_workers_leave_even_after_the_f
     """Workers on a database wait for each other's trials and leave seconds apart: the first to leave
     publishes, and a later one with no trial finished since does not publish again, whether the first is
     still at it or has exited; it does if the first died before it was done."""
-    from tfsweep import study as studies
     from tfsweep.sweep_results import is_publisher, mark_published
 
     sweep = check(compose_sweep(tiny_overrides(tmp_path) + [f"sweep.storage=sqlite:///{tmp_path}/optuna.db"]))

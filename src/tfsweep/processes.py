@@ -23,10 +23,10 @@ def write_atomically(path: Path, data: str | bytes, mode: int = 0o644) -> None:
 
 
 @contextmanager
-def file_lock(path: Path | str) -> Iterator[None]:
-    """Hold an exclusive lock on `path`; the operating system releases it when its process dies."""
+def file_lock(path: Path | str, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on `path`, exclusive or shared; the operating system releases it when its process dies."""
     with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
 
 

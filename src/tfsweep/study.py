@@ -6,10 +6,16 @@ pruned, or failed for a reason of its own (NaN loss, an exception). A trial whos
 Ctrl-C, a lost machine) does not count; it is failed and queued again with the same parameters by
 Optuna's retry callback, and the retry continues from the dead trial's checkpoints.
 
-Ownership rule: a worker creates a trial and records itself as its owner under the study's lock
-(`study_lock`), which recovery takes too. So a running trial without an owner, seen under the lock,
-was left by a worker that died in between; a running trial whose owner is a process of this machine
-that no longer exists is also orphaned; on a database, Optuna's heartbeat finds dead owners elsewhere.
+Queue rule: the budget is a queue of trials. Recovery (`recover`, then `queue_budget`) puts in it
+whatever the budget still lacks, and a killed trial's retry; a worker takes the next one (`next_trial`)
+and never creates one, so the budget is exact without counting the study on each trial.
+
+Ownership rule: a worker takes a trial from the queue and records itself as its owner holding the
+study's lock shared (`study_lock(shared=True)`): askers never wait for each other. Recovery holds it
+alone, and runs only when the queue is empty or a command starts. So a running trial without an owner,
+seen by recovery, was left by a worker that died in between; a running trial whose owner is a process of
+this machine that no longer exists is also orphaned; on a database, Optuna's heartbeat finds dead owners
+elsewhere.
 """
 
 from __future__ import annotations
@@ -110,18 +116,28 @@ def load_study(sweep: SweepConfig, storage: optuna.storages.BaseStorage) -> optu
         return study
 
 
-def ask(study: optuna.Study) -> optuna.Trial:
-    with warnings.catch_warnings():
-        # Optuna warns that a heartbeat is meant for Study.optimize; run_trial runs its heartbeat thread.
-        warnings.filterwarnings("ignore", message="Heartbeat of storage")
-        return study.ask()
+def next_trial(study: optuna.Study, sweep: SweepConfig) -> optuna.Trial | None:
+    """Take the next queued trial and claim it; None when the queue is empty. Call holding
+    `study_lock(sweep, shared=True)`.
 
-
-def use_sampler(study: optuna.Study, sweep: SweepConfig, position: int) -> None:
-    """Seed the sampler by `sweep.seed` and the trial's place in the budget: a resumed study, or a second
-    worker, draws what one uninterrupted worker would have drawn, not a replay of the first draws."""
+    The sampler is seeded by `sweep.seed` and the trial's place in the budget (its first attempt's
+    number), so a resumed study, or a second worker, draws what one uninterrupted worker would have
+    drawn, not a replay of the first draws. It is set before the Trial exists: multivariate TPE samples
+    when the Trial is made.
+    """
+    study._thread_local.cached_all_trials = None  # noqa: SLF001 - as Study.ask does: read the storage afresh
+    trial_id = study._pop_waiting_trial_id()  # noqa: SLF001 - Study.ask without its fall-back to a new trial
+    if trial_id is None:
+        return None
+    crashpoint("sweep.after_trial_created")
+    frozen = study._storage.get_trial(trial_id)  # noqa: SLF001
+    position = (retry_history(frozen) or [frozen.number])[0]
     seed = None if sweep.seed is None else int(numpy.random.SeedSequence([sweep.seed, position]).generate_state(1)[0])
     study.sampler = build("sampler", sweep.sampler, seed=seed)
+    trial = optuna.Trial(study, trial_id)
+    claim(study, trial)
+    crashpoint("sweep.after_owner_recorded")
+    return trial
 
 
 @functools.cache
@@ -130,20 +146,21 @@ def _lock_engine(url: str) -> sqlalchemy.Engine:
 
 
 @contextlib.contextmanager
-def study_lock(sweep: SweepConfig) -> Iterator[None]:
-    """Held while a trial is created and claimed, while trials are recovered and while tables are created.
+def study_lock(sweep: SweepConfig, shared: bool = False) -> Iterator[None]:
+    """Held shared while a trial is taken and claimed; held alone while trials are recovered and queued,
+    while tables are created and while a publisher is chosen.
 
     A file lock for a journal or SQLite file, a PostgreSQL advisory lock for a database shared by
     machines; both are released by the operating system or the server when their process dies.
     """
     if sweep.storage.startswith("postgresql"):
-        key = {"key": f"tfsweep:{sweep.study_name}"}
+        key, mode = {"key": f"tfsweep:{sweep.study_name}"}, "_shared" if shared else ""
         with _lock_engine(sweep.storage).connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:key))"), key)
+            connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock{mode}(hashtext(:key))"), key)
             try:
                 yield
             finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext(:key))"), key)
+                connection.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock{mode}(hashtext(:key))"), key)
         return
     if is_database(sweep):
         url = sqlalchemy.make_url(sweep.storage)
@@ -154,7 +171,7 @@ def study_lock(sweep: SweepConfig) -> Iterator[None]:
     else:
         lock_path = Path(sweep.storage).expanduser().with_name(Path(sweep.storage).name + ".study.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(lock_path):
+    with file_lock(lock_path, shared=shared):
         yield
 
 
@@ -162,10 +179,6 @@ def study_lock(sweep: SweepConfig) -> Iterator[None]:
 def uses_budget(trial: FrozenTrial) -> bool:
     """Whether the trial uses up one of the study's `n_trials`."""
     return outcome(trial) in (Outcome.complete, Outcome.pruned, Outcome.failed, Outcome.running)
-
-
-def counted_trials(study: optuna.Study) -> int:
-    return sum(uses_budget(t) for t in study.get_trials(deepcopy=False))
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -200,7 +213,7 @@ def worker_id() -> str:
 
 
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Record this process as the trial's owner; call under `study_lock`, right after `study.ask()`."""
+    """Record this process as the trial's owner; `next_trial` does, right after taking it."""
     storage = study._storage  # noqa: SLF001 - Study has no public storage accessor
     if isinstance(storage, optuna.storages.RDBStorage):
         storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - an owned trial always has a heartbeat
@@ -226,8 +239,8 @@ def _orphaned(trial: FrozenTrial) -> bool:
 def recover(study: optuna.Study, sweep: SweepConfig) -> None:
     """Fail the running trials of dead workers and queue every interrupted trial again once.
 
-    Call under `study_lock`. Optuna's heartbeat fails a database trial whose worker went silent on
-    any machine; the ownership rule finds the rest.
+    Call holding `study_lock` alone. Optuna's heartbeat fails a database trial whose worker went
+    silent on any machine; the ownership rule finds the rest.
     """
     with experimental_ok():
         optuna.storages.fail_stale_trials(study)  # does nothing without a heartbeat (journal file)
@@ -247,3 +260,22 @@ def recover(study: optuna.Study, sweep: SweepConfig) -> None:
     for trial in trials:
         if outcome(trial) is Outcome.interrupted and trial.number not in retried:
             retry(study, trial)  # does nothing once the trial has used up sweep.max_retry
+
+
+def queue_budget(study: optuna.Study, sweep: SweepConfig) -> int:
+    """Queue new trials for what the budget lacks; return how many trials the queue holds. Call holding
+    `study_lock` alone, after `recover`.
+
+    A trial takes its place in the budget when it is queued: the budget lacks n_trials minus the trials
+    that count, the queued ones, and the interrupted ones whose retry `recover` has still to queue (one
+    interrupted while this runs). An interrupted trial with no retry left gives its place to a new trial.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in retry_history(t)}
+    taken = sum(uses_budget(t) or outcome(t) is Outcome.waiting or (
+        outcome(t) is Outcome.interrupted and t.number not in retried
+        and (sweep.max_retry is None or len(retry_history(t)) < sweep.max_retry)) for t in trials)
+    queued = sum(outcome(t) is Outcome.waiting for t in trials)
+    for _ in range(sweep.n_trials - taken):
+        study.enqueue_trial({}, skip_if_exists=False)
+    return queued + max(0, sweep.n_trials - taken)

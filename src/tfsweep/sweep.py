@@ -3,9 +3,10 @@
 The story of a sweep command:
 1. `check` the sweep config (typed `SweepConfig`) and the search space; open the storage and the
    study's MLflow parent run; everything a worker needs goes into one `SweepContext`.
-2. Each worker (`n_workers` processes) loops: under the study's lock it recovers trials of dead
-   workers, stops when the budget is met (or the command's timeout passed), asks Optuna for a trial
-   and records itself as its owner; then it trains the trial (`run_trial`) and tells Optuna the result.
+2. Each worker (`n_workers` processes) loops: it takes the next trial of the study's queue and records
+   itself as its owner, trains it (`run_trial`) and tells Optuna the result. When the queue is empty it
+   recovers dead workers' trials and queues what the budget lacks, holding the study's lock alone; it
+   stops when nothing is left to run (or the command's timeout passed).
 3. However the workers stopped (budget, timeout, Ctrl-C, SIGTERM), the command whose workers leave last
    publishes the trials finished so far (`publish_results`): the best trial's config, its test accuracy,
    its `champion` model, and the parent run's metrics, tags and plots. Others just stop. A rerun
@@ -32,7 +33,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tfsweep import study as studies
 from tfsweep import runs_view, sweep_tracking
 from tfsweep.credentials import redact_url
-from tfsweep.crashpoints import crashpoint
 from tfsweep.sweep_config import SweepContext, check, command_overrides
 from tfsweep.sweep_results import BEST_CONFIG, Ending, is_publisher, mark_published, publish_results, summarize
 from tfsweep.sweep_trial import catch_interrupts, interrupted, is_interrupt, run_trial, short, summary_line
@@ -67,18 +67,16 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
     with tqdm(total=sweep.n_trials, initial=studies.finished_trials(study), unit="trial", desc=sweep.study_name, dynamic_ncols=True,
               disable=None if show_progress else True) as bar, logging_redirect_tqdm():
         # study.optimize is not used: its n_trials is per process and MaxTrialsCallback can overshoot by
-        # n_workers-1, while the budget here is exact and a trial must be created and claimed under one lock.
+        # n_workers-1, while the budget here is exact: trials come from the study's queue (study.py).
         while sweep.timeout is None or time.monotonic() - started < sweep.timeout:
-            with studies.study_lock(sweep):
-                studies.recover(study, sweep)
-                position, trial = studies.counted_trials(study), None
-                if position < sweep.n_trials:
-                    studies.use_sampler(study, sweep, position)
-                    trial = studies.ask(study)
-                    crashpoint("sweep.after_trial_created")
-                    studies.claim(study, trial)
-                    crashpoint("sweep.after_owner_recorded")
-            if trial is None:
+            with studies.study_lock(sweep, shared=True):  # workers taking trials do not wait for each other
+                trial = studies.next_trial(study, sweep)
+            if trial is None:  # the queue is empty: recover dead workers' trials and queue what is missing
+                with studies.study_lock(sweep):
+                    studies.recover(study, sweep)
+                    queued = studies.queue_budget(study, sweep)
+                if queued:
+                    continue
                 if not studies.may_need_a_retry(study, sweep):
                     return
                 time.sleep(studies.WAIT_SECONDS)  # outside the lock: the running trials' workers need it

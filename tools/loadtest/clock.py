@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # The coordination calls of one trial, as the table names them. Per trial, a group's seconds are the sum
 # of its calls in that trial (a trial reports and sends metric batches several times).
 GROUPS = {
-    "ask": "ask",  # the study lock (waiting included), recovery of dead workers' trials, study.ask, claim
+    "ask": "ask",  # the study lock held shared (waiting included), taking the next queued trial, claiming it
     "suggest": "suggest",
     "report_prune": "report+prune",  # PruningHook.after_eval: trial.report and trial.should_prune
     "tell": "tell",  # the trial's user attributes and study.tell
@@ -33,7 +33,8 @@ GROUPS = {
     "end": "end",  # the run's end-of-trial tags and set_terminated
 }
 # Also timed, for finding the bottleneck: parts of `ask`, and what a worker does besides the groups.
-DETAILS = ("lock_wait", "lock_hold", "recover", "metric_wait", "upload_wait", "heartbeat", "compose", "after_tell")
+# lock_*: the lock held shared to take a trial; alone_*: held alone to recover trials and refill the queue.
+DETAILS = ("lock_wait", "lock_hold", "alone_wait", "alone_hold", "recover", "metric_wait", "upload_wait", "heartbeat", "compose", "after_tell")
 
 
 class CallClock:
@@ -111,25 +112,29 @@ def measure_calls() -> Iterator[CallClock]:
 
     clock = CallClock()
     local = threading.local()
-    lock, ask, tell = studies.study_lock, studies.ask, optuna.study.Study.tell
+    lock, next_trial, tell = studies.study_lock, studies.next_trial, optuna.study.Study.tell
 
     @contextmanager
-    def timed_lock(sweep):
+    def timed_lock(sweep, shared=False):
         local.asked, requested = False, time.perf_counter()
-        with lock(sweep):
+        with lock(sweep, shared=shared):
             acquired, local.requested = time.perf_counter(), requested
-            with clock.timed("ask_section"):  # makes the section the outermost call of its thread
+            with clock.timed("lock_section"):  # makes the section the outermost call of its thread
                 yield
         released = time.perf_counter()
         if local.asked:
             clock.add("ask", released - requested)
             clock.add("lock_wait", acquired - requested)
             clock.add("lock_hold", released - acquired)
+        elif not shared:
+            clock.add("alone_wait", acquired - requested)
+            clock.add("alone_hold", released - acquired)
 
-    def timed_ask(study, *args, **kwargs):
-        trial = ask(study, *args, **kwargs)
-        clock.start_trial(trial.number, getattr(local, "requested", time.perf_counter()))
-        local.asked = True
+    def timed_next_trial(study, *args, **kwargs):
+        trial = next_trial(study, *args, **kwargs)
+        if trial is not None:
+            clock.start_trial(trial.number, getattr(local, "requested", time.perf_counter()))
+            local.asked = True
         return trial
 
     def timed_tell(study, *args, **kwargs):
@@ -173,7 +178,7 @@ def measure_calls() -> Iterator[CallClock]:
             wrapper = clock.wrap(group, getattr(owner, name), **options.get(group, {}))
             stack.enter_context(patch.object(owner, name, wrapper))
         stack.enter_context(patch.object(studies, "study_lock", timed_lock))
-        stack.enter_context(patch.object(studies, "ask", functools.wraps(ask)(timed_ask)))
+        stack.enter_context(patch.object(studies, "next_trial", functools.wraps(next_trial)(timed_next_trial)))
         stack.enter_context(patch.object(optuna.study.Study, "tell", functools.wraps(tell)(timed_tell)))
         # Keras is not loaded in a stand-in worker; clearing its session would load TensorFlow.
         stack.enter_context(patch.object(sweep_trial, "_clear_keras", lambda: None))

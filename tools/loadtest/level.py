@@ -79,6 +79,8 @@ def summarize_level(n_workers: int, n_trials: int, wall: float, workers: list[di
         "trial_seconds": p50_p99([t["wall_seconds"] for t in trials]),
         "per_trial": {group: p50_p99(seconds) for group, seconds in per_trial.items()},
         "per_call": {group: {"calls": len(seconds), **p50_p99(seconds)} for group, seconds in per_call.items()},
+        # Held alone, the lock stops every asker: its seconds per trial, not a trial's p50 (most have none).
+        "alone_hold_seconds_per_trial": sum(per_trial["alone_hold"]) / told if told else None,
         "errors": len(worker_errors) + len(audit["failed"]) + audit["runs_not_finished"],
         "error_messages": worker_errors + [f"trial {f['number']}: {f['reason']}" for f in audit["failed"]],
         "duplicated": audit["duplicated_trials"] + audit["duplicated_runs"],

@@ -33,14 +33,15 @@ def estimate_capacity(levels: list[dict[str, Any]], trial_seconds: float, server
 
     Three ceilings, from the largest level: each server's CPU seconds per trial (a server with
     `server_cores` cores serves at most server_cores / cpu_per_trial trials a second), and the study
-    lock, which serializes asking (at most 1 / lock_hold trials a second). A worker asks for one trial
+    lock held alone (recovery), which stops every asker: at most 1 / (its seconds per trial) trials a
+    second. Held shared, to take a trial, it stops no one. A worker asks for one trial
     every `trial_seconds`, so a ceiling of R trials per second feeds R x trial_seconds workers. The first
     bottleneck by latency is the group whose p50 per trial grew most from the smallest level to the largest.
     """
     smallest, largest = levels[0], levels[-1]
     ceilings = {f"{server} CPU": server_cores / cpu * trial_seconds
                 for server, cpu in largest["server_cpu_seconds_per_trial"].items() if cpu > 0}
-    hold = largest["per_trial"]["lock_hold"]["p50"]
+    hold = largest.get("alone_hold_seconds_per_trial")
     if hold:
         ceilings["study lock"] = trial_seconds / hold
     p50s = {group: (smallest["per_trial"][group]["p50"], largest["per_trial"][group]["p50"]) for group in GROUPS}
@@ -53,7 +54,7 @@ def estimate_capacity(levels: list[dict[str, Any]], trial_seconds: float, server
 
 
 COLUMNS = ["workers", "trials", "wall s", "trials/min", *(f"{label} p50/p99 ms" for label in GROUPS.values()),
-           "errors", "duplicated", "lost"]
+           "lock shared p50/p99 ms", "lock alone ms/trial", "errors", "duplicated", "lost"]
 
 
 def table(levels: list[dict[str, Any]]) -> str:
@@ -65,6 +66,7 @@ def table(levels: list[dict[str, Any]]) -> str:
     for level in levels:
         cells = [str(level["workers"]), str(level["trials"]), f"{level['wall_seconds']:.1f}",
                  f"{level['trials_per_minute']:.0f}", *(ms(level["per_trial"][g]) for g in GROUPS),
+                 ms(level["per_trial"]["lock_hold"]), f"{1000 * (level.get('alone_hold_seconds_per_trial') or 0):.0f}",
                  str(level["errors"]), str(level["duplicated"]), str(level["lost"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
