@@ -416,6 +416,55 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again_whenev
     assert len(study.get_trials()) == 2
 
 
+def test_the_queue_holds_what_the_budget_lacks_and_a_killed_trial_keeps_its_place_until_its_retry(tmp_path):
+    sweep = sweep_settings(tmp_path)
+    sweep.n_trials = 3
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    with studies.study_lock(sweep):
+        assert studies.queue_budget(study, sweep) == 3
+        assert studies.queue_budget(study, sweep) == 3  # nothing more
+    with studies.study_lock(sweep, shared=True):
+        first, second = studies.next_trial(study, sweep), studies.next_trial(study, sweep)
+    assert (first.number, second.number) == (0, 1) and first.user_attrs["claimed_trial"] == 0
+    study.tell(first, 0.5)
+    study.tell(second, state=TrialState.FAIL)  # interrupted, its retry not queued yet
+    with studies.study_lock(sweep):
+        assert studies.queue_budget(study, sweep) == 1  # trial 2 only: trial 1's place waits for its retry
+        studies.recover(study, sweep)
+        assert studies.queue_budget(study, sweep) == 2  # trial 2 and the retry of trial 1
+    with studies.study_lock(sweep, shared=True):
+        taken = [studies.next_trial(study, sweep) for _ in range(3)]
+    assert [t.number for t in taken[:2]] == [2, 3] and taken[2] is None
+    assert studies.retry_history(study.trials[3]) == [1]
+
+
+def test_a_killed_trial_with_no_retry_left_gives_its_place_to_a_new_trial(tmp_path):
+    sweep = sweep_settings(tmp_path)
+    sweep.n_trials, sweep.max_retry = 3, 0
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    study.tell(study.ask(), state=TrialState.FAIL)
+    with studies.study_lock(sweep):
+        studies.recover(study, sweep)
+        assert studies.queue_budget(study, sweep) == 3
+
+
+def test_a_waiting_worker_sees_cheaply_when_a_watched_trial_lost_its_worker(tmp_path):
+    sweep = sweep_settings(tmp_path)
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    live, dead = study.ask(), study.ask()
+    for trial, pid in ((live, os.getppid()), (dead, dead_pid())):
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{pid}")
+        trial.set_user_attr("claimed_trial", trial.number)
+    watched = studies.running_trials(study)
+    assert studies.may_need_recovery(study, watched[:1]) is False
+    assert studies.may_need_recovery(study, watched) is True  # its owner is gone
+    study.tell(live, 0.9)
+    assert studies.may_need_recovery(study, watched[:1]) is False  # ended by itself
+    other = study.ask()
+    study.tell(other, state=TrialState.FAIL)  # interrupted (no reason): its retry is due
+    assert studies.may_need_recovery(study, [study.trials[other.number]]) is True
+
+
 def test_a_trial_of_a_live_worker_is_left_alone(tmp_path):
     sweep = sweep_settings(tmp_path)
     study = studies.load_study(sweep, studies.open_storage(sweep))

@@ -208,6 +208,26 @@ def test_resuming_the_model_dir_continues_the_same_run(make_cfg):
     assert steps(client, run.info.run_id, "val/accuracy") == [10, 20, 30]
 
 
+def test_points_of_several_steps_go_out_in_one_request(make_cfg, monkeypatch):
+    """The tracking server's cost is per request: between checkpoints, points wait for each other."""
+    batches, log_batch = [], MlflowClient.log_batch
+
+    def counted(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            batches.append(sorted({m.step for m in metrics}))
+        return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    monkeypatch.setattr(tracking, "SEND_EVERY_SECONDS", 60.0)
+    cfg = make_cfg(**{"tracking.log_model": "false", "trainer.checkpoint_every": "20"})
+    train(cfg)
+    # The first point at once, the rest before the checkpoint at 20, then the test split's point.
+    assert batches == [[5], [10, 15, 20], [20]]
+    client, run = only_run(cfg)
+    assert steps(client, run.info.run_id, "train/loss") == [5, 10, 15, 20]
+    assert steps(client, run.info.run_id, "val/accuracy") == [10, 20]
+
+
 def test_an_interrupted_run_rerun_logs_each_step_once(make_cfg):
     class Interrupt(Hook):  # Ctrl-C after step 15 was logged, past the checkpoint at 10
         def after_log(self, trainer, step, logs):

@@ -12,3 +12,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # meanwhile (requests looking up proxies for a metric batch) dies with KeyError and fails the trial: the
 # load test lost 2 of 48 trials to it. Off unless the user turns it on.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's "View run at" line when a run ends reads the whole run back from the server first, one more
+# request per trial; the project logs each run's address when it starts.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

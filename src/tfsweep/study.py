@@ -191,7 +191,7 @@ def is_finished(study: optuna.Study, n_trials: int) -> bool:
 
 
 def any_running(study: optuna.Study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return bool(running_trials(study))
 
 
 def may_need_a_retry(study: optuna.Study, sweep: SweepConfig) -> bool:
@@ -234,6 +234,28 @@ def _orphaned(trial: FrozenTrial) -> bool:
     if trial.user_attrs.get(CLAIM_ATTR) != trial.number:
         return True  # its creator died before recording itself: it would still hold the lock otherwise
     return not worker_alive(str(trial.user_attrs.get(WORKER_ATTR, "")))
+
+
+def running_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def may_need_recovery(study: optuna.Study, watched: list[FrozenTrial]) -> bool:
+    """Whether a worker may have died since `watched` were the running trials (at the last recovery): one
+    of them ended interrupted, is still unclaimed, or has a dead owner of this machine, or Optuna's
+    heartbeat finds one gone silent. Reads the running trials only and takes no lock, so waiting workers
+    can ask it often; `recover` then decides, holding the lock."""
+    with experimental_ok():
+        optuna.storages.fail_stale_trials(study)  # failed here, retried by `recover`
+    now = {t.number: t for t in running_trials(study)}
+    storage = study._storage  # noqa: SLF001
+    for trial in watched:
+        if trial.number not in now:
+            if outcome(storage.get_trial(trial._trial_id)) is Outcome.interrupted:  # noqa: SLF001
+                return True
+        elif _orphaned(now[trial.number]):
+            return True
+    return False
 
 
 def recover(study: optuna.Study, sweep: SweepConfig) -> None:

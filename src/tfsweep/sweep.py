@@ -68,19 +68,23 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
               disable=None if show_progress else True) as bar, logging_redirect_tqdm():
         # study.optimize is not used: its n_trials is per process and MaxTrialsCallback can overshoot by
         # n_workers-1, while the budget here is exact: trials come from the study's queue (study.py).
+        watched = None  # the running trials at this worker's last recovery, while the queue is empty
         while sweep.timeout is None or time.monotonic() - started < sweep.timeout:
             with studies.study_lock(sweep, shared=True):  # workers taking trials do not wait for each other
                 trial = studies.next_trial(study, sweep)
             if trial is None:  # the queue is empty: recover dead workers' trials and queue what is missing
-                with studies.study_lock(sweep):
-                    studies.recover(study, sweep)
-                    queued = studies.queue_budget(study, sweep)
-                if queued:
-                    continue
+                if watched is None or studies.may_need_recovery(study, watched):
+                    with studies.study_lock(sweep):
+                        studies.recover(study, sweep)
+                        queued = studies.queue_budget(study, sweep)
+                        watched = studies.running_trials(study)
+                    if queued:
+                        continue
                 if not studies.may_need_a_retry(study, sweep):
                     return
                 time.sleep(studies.WAIT_SECONDS)  # outside the lock: the running trials' workers need it
                 continue
+            watched = None
             run_trial(ctx, study, trial)
             log.info("%s", summary_line(study.trials[trial.number], sweep.metric))
             bar.update(studies.finished_trials(study) - bar.n)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from mlflow.entities import Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from omegaconf import DictConfig
 from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize runs around a trial
 from optuna.trial import TrialState
@@ -27,6 +29,7 @@ from tfsweep.study import Outcome
 from tfsweep.sweep_config import ParamType, SweepContext, trial_config
 from tfsweep.processes import write_atomically
 from tfsweep.tracking import RUN_ID_FILE, recorded_run_id, run_params
+from tfsweep.tracking_store import experiment_id
 from tfsweep.training import train
 
 log = logging.getLogger(__name__)
@@ -93,19 +96,18 @@ class TrialRunHook(Hook):
         run_id = recorded_run_id(trainer.model_dir)
         if run_id is None:
             return
-        client = mlflow.MlflowClient(trainer.cfg.tracking.uri)
-        run = client.get_run(run_id)
-        url = run_url(trainer.cfg.tracking.uri, run.info.experiment_id, run_id)
+        cfg = trainer.cfg
+        client = mlflow.MlflowClient(cfg.tracking.uri)
+        url = run_url(cfg.tracking.uri, experiment_id(client, cfg.tracking.experiment_name), run_id)
         self.trial.set_user_attr(RUN_ID_ATTR, run_id)
         self.trial.set_user_attr(RUN_URL_ATTR, url)
         from optuna_dashboard import save_note
 
-        save_note(self.trial, f"MLflow run [{run.info.run_name}]({url})")  # a link on the trial's dashboard page
-        shown = run_params(trainer.cfg)
-        logged = run.data.params
-        for name, value in self.params.items():
-            if name not in shown and name not in logged:
-                client.log_param(run_id, name, str(value))
+        save_note(self.trial, f"MLflow run [{cfg.tracking.run_name}]({url})")  # a link on the trial's dashboard page
+        shown = run_params(cfg)
+        missing = [Param(name, str(value)) for name, value in self.params.items() if name not in shown]
+        if missing:  # a retry logs the same values again, which MLflow accepts
+            client.log_batch(run_id, params=missing)
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -220,12 +222,12 @@ def _tag_child(cfg: DictConfig, trial: optuna.Trial, result: Outcome, reason: st
     try:
         import mlflow
 
-        client = mlflow.MlflowClient(cfg.tracking.uri)
-        client.set_tag(run_id, sweep_tracking.STATE_TAG, result.value)
-        if pruned_at is not None:
-            client.update_run(run_id, name=f"{cfg.tracking.run_name} pruned@{pruned_at}")
+        tags = {sweep_tracking.STATE_TAG: result.value}
+        if pruned_at is not None:  # the tracking server renames a run whose name tag is set
+            tags[MLFLOW_RUN_NAME] = f"{cfg.tracking.run_name} pruned@{pruned_at}"
         if reason:
-            client.set_tag(run_id, "optuna.fail_reason", reason[:5000])
+            tags["optuna.fail_reason"] = reason[:5000]
+        mlflow.MlflowClient(cfg.tracking.uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     except Exception as exc:  # the trial's own outcome matters more than its tag
         log.warning("could not tag MLflow run %s: %s", run_id, first_line(exc))
 

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"  # in model_dir: resuming the model_dir continues this MLflow run
 RUN_KEY_FILE = "mlflow_run_key"  # in model_dir, written before the run is created, and tagged on it
 RUN_KEY_TAG = "tfsweep.model_dir_key"
+SEND_EVERY_SECONDS = 5.0  # metric points go out together at most this often, and before each checkpoint and the end
+MAX_BATCH = 1000  # metrics per log_batch, MLflow's limit
 
 
 def recorded_run_id(model_dir: str | Path) -> str | None:
@@ -115,11 +117,15 @@ class MlflowHook(Hook):
         self.parent_run_id, self.tags = parent_run_id, dict(tags or {})
         self.run_id: str | None = None
         self._logged: set[tuple[str, int]] = set()  # (key, step) points the run already has
-        # Metric batches go out on this thread, in order, off the training loop. Not MLflow's own
-        # asynchronous queue: ending a run stops that queue's thread, which polls once a second, so
-        # every run's end waited up to a second for it.
+        # Metric points go out on this thread, in order, off the training loop, the points of several
+        # steps in one request (the tracking server's cost is per request). Not MLflow's own asynchronous
+        # queue: ending a run stops that queue's thread, which polls once a second, so every run's end
+        # waited up to a second for it.
         self._sender: ThreadPoolExecutor | None = None
         self._sending: list[Future] = []  # batches not yet known to be stored
+        self._pending: list[Metric] = []  # points the next batch carries
+        self._batch: Future | None = None  # that batch, submitted and waiting for its time
+        self._pending_lock, self._hurry, self._last_sent = threading.Lock(), threading.Event(), 0.0
         self._checkpoints: CheckpointUploader | None = None
         self._system_metrics: SystemMetrics | None = None  # CPU and memory samples, while the run trains
 
@@ -209,11 +215,24 @@ class MlflowHook(Hook):
             self._logged.update((key, step) for key in new)
 
     def _send(self, step: int, values: dict[str, float]) -> Future:
-        """One batch of points at `step`, sent by the sender thread; the system metrics' sampler sends
+        """Add points at `step` to the next batch and return that batch; the system metrics' sampler sends
         straight here, outside the training points' bookkeeping."""
         now = int(time.time() * 1000)
-        return self._sender.submit(self.client.log_batch, self.run_id,
-                                   metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+        with self._pending_lock:
+            self._pending.extend(Metric(key, float(value), now, step) for key, value in values.items())
+            if self._batch is None:
+                self._batch = self._sender.submit(self._send_pending)
+            return self._batch
+
+    def _send_pending(self) -> None:
+        """On the sender thread: wait until SEND_EVERY_SECONDS after the last batch (or a hurry), then
+        send every pending point."""
+        self._hurry.wait(self._last_sent + SEND_EVERY_SECONDS - time.monotonic())
+        with self._pending_lock:
+            metrics, self._pending, self._batch = self._pending, [], None
+        for start in range(0, len(metrics), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_BATCH])
+        self._last_sent = time.monotonic()
 
     def after_log(self, trainer, step, logs):
         self._log(step, logs)
@@ -231,8 +250,15 @@ class MlflowHook(Hook):
         self._checkpoints.saved(trainer.model_dir, path)
 
     def _wait_for_queue(self) -> None:
-        for operation in self._sending:
-            operation.result()  # raises what the batch raised
+        """Send the pending points now and wait until every batch is stored."""
+        self._hurry.set()
+        try:
+            with self._pending_lock:
+                last = self._batch  # may carry only the system metrics' points
+            for operation in [*self._sending, *([last] if last else [])]:
+                operation.result()  # raises what the batch raised
+        finally:
+            self._hurry.clear()
         self._sending = []
 
     def end(self, trainer, error):

@@ -118,6 +118,17 @@ def _probe_write(uri: str) -> None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if need be; remembered per store, as each trial asks for it."""
+    key = (client.tracking_uri, name)
+    if key not in _experiment_ids:
+        _experiment_ids[key] = _find_or_create_experiment(client, name)
+    return _experiment_ids[key]
+
+
+_experiment_ids: dict[tuple[str, str], str] = {}
+
+
+def _find_or_create_experiment(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
