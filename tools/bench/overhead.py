@@ -35,7 +35,7 @@ PHASES = {  # JSON key: how the table names it
     "checkpoint_saves": "checkpoint saves",
     "checkpoint_uploads": "checkpoint uploads",
     "clear_keras": "clearing Keras",
-    "between_trials": "between trials",  # the sweep's loop from one trial's `tell` to the next `ask`
+    "between_trials": "between trials",  # the sweep's loop from one trial's `tell` to taking the next
     "rest": "the rest",
 }
 
@@ -68,8 +68,8 @@ class TrialRecord:
 
     study: str
     number: int
-    wall_seconds: float = 0.0  # from `study.ask()` to the return of `study.tell()`
-    between_seconds: float = 0.0  # from the previous trial's `tell` in the same study to this `ask`
+    wall_seconds: float = 0.0  # from taking the trial to the return of `study.tell()`
+    between_seconds: float = 0.0  # from the previous trial's `tell` in the same study to taking this one
     calls: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     timers: list[ChunkTimer] = field(default_factory=list)
 
@@ -124,8 +124,7 @@ class PhaseClock:
 def measure_trials() -> Iterator[PhaseClock]:
     """Within this block, every Optuna trial of this process is recorded in the returned clock's `trials`.
 
-    A trial runs from `study.ask()` to `study.tell()`, Optuna's own bounds of a trial, whatever loop
-    the sweep drives them from.
+    A trial runs from the sweep taking it from the study's queue (`study.next_trial`) to `study.tell()`.
     """
     import keras
     import optuna
@@ -134,6 +133,7 @@ def measure_trials() -> Iterator[PhaseClock]:
     from mlflow.utils.async_logging.run_operations import RunOperations
 
     from tfsweep import logged_model
+    from tfsweep import study as studies
     from tfsweep.trainer import Trainer
 
     clock = PhaseClock()
@@ -147,7 +147,7 @@ def measure_trials() -> Iterator[PhaseClock]:
              (tf.train.CheckpointManager, "save", "checkpoint_saves"),
              (Trainer, "evaluate", "evaluations"),
              (keras.backend, "clear_session", "clear_keras")]
-    build, ask, tell = Trainer.__init__, optuna.study.Study.ask, optuna.study.Study.tell
+    build, next_trial, tell = Trainer.__init__, studies.next_trial, optuna.study.Study.tell
 
     def timed_init(trainer, *args, **kwargs):
         with clock.phase("model_build"):
@@ -157,10 +157,11 @@ def measure_trials() -> Iterator[PhaseClock]:
             trainer.hooks.append(timer)
             clock.current.timers.append(timer)
 
-    def timed_ask(study, *args, **kwargs):
+    def timed_next_trial(study, *args, **kwargs):
         asked_at = time.perf_counter()
-        trial = ask(study, *args, **kwargs)
-        clock.trial_asked(study.study_name, trial.number, asked_at)
+        trial = next_trial(study, *args, **kwargs)
+        if trial is not None:
+            clock.trial_asked(study.study_name, trial.number, asked_at)
         return trial
 
     def timed_tell(study, *args, **kwargs):
@@ -173,7 +174,7 @@ def measure_trials() -> Iterator[PhaseClock]:
         for owner, name, phase in timed:
             stack.enter_context(patch.object(owner, name, clock.timed(phase, getattr(owner, name))))
         for owner, name, wrapper, original in ((Trainer, "__init__", timed_init, build),
-                                               (optuna.study.Study, "ask", timed_ask, ask),
+                                               (studies, "next_trial", timed_next_trial, next_trial),
                                                (optuna.study.Study, "tell", timed_tell, tell)):
             stack.enter_context(patch.object(owner, name, functools.wraps(original)(wrapper)))
         yield clock
