@@ -164,7 +164,7 @@ def test_the_printed_address_shows_the_sweep_and_its_trials_in_the_runs_table(ui
             page.goto(f"{run_page}/{trials[0].info.run_id}/model-metrics?workflowType=machine_learning")
             page.locator('[data-testid="experiment-view-compare-runs-section-header"]', has_text="val").wait_for(
                 timeout=30_000)
-            poll(lambda: page.locator(".js-plotly-plot").count() >= 4, "4 metric charts drawn", timeout=30)
+            poll(lambda: page.locator(".js-plotly-plot").count() >= 4, "4 metric charts drawn")
             close_assistant(page)
             page.screenshot(path=shots / "run-metrics.png")
 

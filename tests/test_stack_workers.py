@@ -165,3 +165,23 @@ def test_four_workers_sharing_only_the_network_survive_a_dead_machine(running_st
     assert not leaks
     print(f"stack workers test: {time.monotonic() - started:.0f} s after the stack was up")
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_stack_comes_up_again_after_its_machine_went_down(monkeypatch):
+    """Servers killed as a reboot kills them leave PostgreSQL's postmaster.pid behind; `up` starts anew."""
+    state = Path(tempfile.mkdtemp(prefix="tfsweep-stack-"))
+    try:
+        running = stack.up(state, mlflow_port=stack.free_port("127.0.0.1"))
+        postmaster = int((state / "postgres" / "postmaster.pid").read_text().split()[0])
+        os.killpg(int((state / "mlflow.pid").read_text()), signal.SIGKILL)
+        os.kill(postmaster, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while stack.process_alive(postmaster) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (state / "postgres" / "postmaster.pid").exists()
+        again = stack.up(state, mlflow_port=running.mlflow_port)
+        for name, value in again.worker_env().items():
+            monkeypatch.setenv(name, value)
+        assert MlflowClient(again.tracking_uri).search_experiments()  # the server answers, on its database
+    finally:
+        stack.down(state, purge=True)

@@ -17,6 +17,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+from optuna_dashboard import get_note
 
 from sweep_fixtures import PROJECT_DIR, journal_trials, run_sweep_command, sweep_command, sweep_env, tiny_overrides
 from tfsweep import study as studies
@@ -82,6 +83,7 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
         assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
         assert trial.user_attrs["mlflow_run_url"] == (
             f"http://127.0.0.1:5000/#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}")
+        assert get_note(optuna.Trial(study, trial._trial_id)) == f"MLflow run [{child.info.run_name}]({trial.user_attrs['mlflow_run_url']})"
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["optuna.state"] == "complete"
         assert {k: child.data.params[k] for k in trial.params} == {k: str(v) for k, v in trial.params.items()}
@@ -188,6 +190,17 @@ def test_a_trial_retried_on_a_machine_without_its_folder_resumes_from_the_checkp
     assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30]  # each step once
     assert restored == [10]  # the retry started from the logged checkpoint, not from step 0
     assert uploaded == ["ckpt-10", "ckpt-20", "ckpt-30"]
+
+
+def test_a_trial_note_of_several_chunks_reads_back_in_the_dashboard():
+    from tfsweep.sweep_trial import NOTE_CHUNK, save_trial_note
+
+    study = optuna.create_study()
+    first, second = study.ask(), study.ask()
+    body = "".join(chr(ord("a") + i % 26) for i in range(2 * NOTE_CHUNK + 7))
+    save_trial_note(first, body)
+    save_trial_note(second, "[run](http://127.0.0.1:5000/#/experiments/1/runs/abc)")
+    assert get_note(first) == body and get_note(second).endswith("runs/abc)")
 
 
 def test_run_url_never_carries_credentials():
@@ -436,6 +449,29 @@ def test_the_queue_holds_what_the_budget_lacks_and_a_killed_trial_keeps_its_plac
         taken = [studies.next_trial(study, sweep) for _ in range(3)]
     assert [t.number for t in taken[:2]] == [2, 3] and taken[2] is None
     assert studies.retry_history(study.trials[3]) == [1]
+
+
+def test_the_queue_stays_short_and_grows_with_the_running_trials_until_the_budget_is_queued(tmp_path):
+    sweep = sweep_settings(tmp_path)
+    sweep.n_trials = 300
+    study = studies.load_study(sweep, studies.open_storage(sweep))
+    with studies.study_lock(sweep):
+        assert studies.queue_budget(study, sweep) == studies.QUEUE_MIN
+    with studies.study_lock(sweep, shared=True):
+        running = [studies.next_trial(study, sweep) for _ in range(studies.QUEUE_MIN)]
+    with studies.study_lock(sweep):
+        assert studies.queue_budget(study, sweep) == 4 * studies.QUEUE_MIN  # 4 per running trial
+        assert studies.queue_budget(study, sweep) == 4 * studies.QUEUE_MIN
+    for trial in running:
+        study.tell(trial, 0.5)
+    while True:  # drained and refilled as workers would, it ends at exactly the budget
+        with studies.study_lock(sweep):
+            if not studies.queue_budget(study, sweep):
+                break
+        with studies.study_lock(sweep, shared=True):
+            while (trial := studies.next_trial(study, sweep)) is not None:
+                study.tell(trial, 0.5)
+    assert len(study.trials) == 300 and all(t.state is TrialState.COMPLETE for t in study.trials)
 
 
 def test_a_killed_trial_with_no_retry_left_gives_its_place_to_a_new_trial(tmp_path):

@@ -86,13 +86,18 @@ def free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def _as_postgres(*command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def _as_postgres(*command: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """initdb and the server refuse to run as root, so they run as the `postgres` user when we are root."""
     prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     result = subprocess.run([*prefix, *command], input=stdin, capture_output=True, text=True, timeout=120)
-    if result.returncode:
+    if result.returncode and check:
         raise StackError(f"{Path(command[0]).name} failed: {result.stderr.strip().splitlines()[-1:]}")
     return result
+
+
+def _postgres_running(data: Path) -> bool:
+    """pg_ctl's own check, so that a postmaster.pid left by a machine that went down does not count."""
+    return data.exists() and _as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(data), "status", check=False).returncode == 0
 
 
 def _running_pid(pid_file: Path) -> int | None:
@@ -128,7 +133,7 @@ def _start_postgres(stack: Stack, secrets_: dict[str, str]) -> None:
         # Local socket: the server's own OS user only; TCP: passwords (SCRAM), never trust.
         _as_postgres(str(pg_bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=peer",
                      "--auth-host=scram-sha-256")
-    if not (data / "postmaster.pid").exists():
+    if not _postgres_running(data):
         _as_postgres(str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(socket_dir / "postgres.log"), "-w", "-o",
                      f"-p {stack.pg_port} -k {socket_dir} -c listen_addresses={stack.host} -c max_connections=300",
                      "start")
@@ -236,7 +241,7 @@ def down(state_dir: Path, purge: bool = False) -> None:
             os.killpg(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     data = state_dir / "postgres"
-    if (data / "postmaster.pid").exists():
+    if _postgres_running(data):
         _as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
     if purge:
         shutil.rmtree(state_dir, ignore_errors=True)

@@ -7,8 +7,9 @@ Ctrl-C, a lost machine) does not count; it is failed and queued again with the s
 Optuna's retry callback, and the retry continues from the dead trial's checkpoints.
 
 Queue rule: the budget is a queue of trials. Recovery (`recover`, then `queue_budget`) puts in it
-whatever the budget still lacks, and a killed trial's retry; a worker takes the next one (`next_trial`)
-and never creates one, so the budget is exact without counting the study on each trial.
+what the budget still lacks, a few trials per running one at a time, and a killed trial's retry; a worker
+takes the next one (`next_trial`) and never creates one, so the budget is exact without counting the study
+on each trial.
 
 Ownership rule: a worker takes a trial from the queue and records itself as its owner holding the
 study's lock shared (`study_lock(shared=True)`): askers never wait for each other. Recovery holds it
@@ -49,6 +50,7 @@ WORKER_ATTR = "worker"  # "host:pid" of the process running the trial
 CLAIM_ATTR = "claimed_trial"  # the trial number the worker attribute belongs to (retries copy user attrs)
 FAIL_ATTR = "fail_reason"  # set when a trial failed by itself; such a trial counts and is not retried
 PUBLISHER_ATTR = "publisher"  # study attribute: the worker publishing the results of so many finished trials
+QUEUE_MIN = 32  # queued trials at least, and 4 per running trial: Optuna reads every queued trial on each sync
 WAIT_SECONDS = 2.0  # a worker waiting for others' trials looks again this often (one cheap query)
 
 
@@ -291,6 +293,8 @@ def queue_budget(study: optuna.Study, sweep: SweepConfig) -> int:
     A trial takes its place in the budget when it is queued: the budget lacks n_trials minus the trials
     that count, the queued ones, and the interrupted ones whose retry `recover` has still to queue (one
     interrupted while this runs). An interrupted trial with no retry left gives its place to a new trial.
+    The queue is kept short (`QUEUE_MIN`, or 4 per running trial), not the whole budget: every worker's
+    sync with the storage reads each queued trial, several times a trial.
     """
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in retry_history(t)}
@@ -298,6 +302,8 @@ def queue_budget(study: optuna.Study, sweep: SweepConfig) -> int:
         outcome(t) is Outcome.interrupted and t.number not in retried
         and (sweep.max_retry is None or len(retry_history(t)) < sweep.max_retry)) for t in trials)
     queued = sum(outcome(t) is Outcome.waiting for t in trials)
-    for _ in range(sweep.n_trials - taken):
+    running = sum(t.state is TrialState.RUNNING for t in trials)
+    added = max(0, min(sweep.n_trials - taken, max(QUEUE_MIN, 4 * running) - queued))
+    for _ in range(added):
         study.enqueue_trial({}, skip_if_exists=False)
-    return queued + max(0, sweep.n_trials - taken)
+    return queued + added

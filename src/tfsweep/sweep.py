@@ -72,22 +72,26 @@ def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
         while sweep.timeout is None or time.monotonic() - started < sweep.timeout:
             with studies.study_lock(sweep, shared=True):  # workers taking trials do not wait for each other
                 trial = studies.next_trial(study, sweep)
-            if trial is None:  # the queue is empty: recover dead workers' trials and queue what is missing
-                if watched is None or studies.may_need_recovery(study, watched):
-                    with studies.study_lock(sweep):
+            if trial is None and (watched is None or studies.may_need_recovery(study, watched)):
+                # The queue is empty: recover dead workers' trials and queue what is missing. Workers find it
+                # empty together, so one that waited for the lock first takes what another one queued.
+                with studies.study_lock(sweep):
+                    if (trial := studies.next_trial(study, sweep)) is None:
                         studies.recover(study, sweep)
                         queued = studies.queue_budget(study, sweep)
                         watched = studies.running_trials(study)
-                    if queued:
-                        continue
+                        if queued:
+                            continue
+            if trial is None:
                 if not studies.may_need_a_retry(study, sweep):
                     return
                 time.sleep(studies.WAIT_SECONDS)  # outside the lock: the running trials' workers need it
                 continue
             watched = None
             run_trial(ctx, study, trial)
-            log.info("%s", summary_line(study.trials[trial.number], sweep.metric))
-            bar.update(studies.finished_trials(study) - bar.n)
+            log.info("%s", summary_line(trial.storage.get_trial(trial._trial_id), sweep.metric))  # noqa: SLF001
+            if not bar.disable:  # the study's progress, other workers' trials too
+                bar.update(studies.finished_trials(study) - bar.n)
             if interrupted():  # the interrupt was caught on its way up by a library's own handler
                 raise KeyboardInterrupt
 

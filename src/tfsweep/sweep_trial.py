@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attributes, set as soon as the trial's MLflow run exists
 RUN_URL_ATTR = "mlflow_run_url"
+NOTE_CHUNK = 2045  # optuna-dashboard's longest system attribute of a note
 RESTORED_ATTR = "restored_step"  # a retry that resumed from a checkpoint its run logged on another machine
 
 _interrupted = threading.Event()  # Ctrl-C or SIGTERM reached this process
@@ -101,13 +102,24 @@ class TrialRunHook(Hook):
         url = run_url(cfg.tracking.uri, experiment_id(client, cfg.tracking.experiment_name), run_id)
         self.trial.set_user_attr(RUN_ID_ATTR, run_id)
         self.trial.set_user_attr(RUN_URL_ATTR, url)
-        from optuna_dashboard import save_note
-
-        save_note(self.trial, f"MLflow run [{cfg.tracking.run_name}]({url})")  # a link on the trial's dashboard page
+        save_trial_note(self.trial, f"MLflow run [{cfg.tracking.run_name}]({url})")  # a link on its dashboard page
         shown = run_params(cfg)
         missing = [Param(name, str(value)) for name, value in self.params.items() if name not in shown]
         if missing:  # a retry logs the same values again, which MLflow accepts
             client.log_batch(run_id, params=missing)
+
+
+def save_trial_note(trial: optuna.Trial, body: str) -> None:
+    """The trial's first note on the Optuna dashboard, stored as optuna-dashboard's `save_note` stores it.
+
+    Not `save_note` itself: it reads all the study's system attributes (every trial's note among them)
+    to find the note's version, and importing optuna_dashboard loads scikit-learn and SciPy (~1 CPU s,
+    80 MB) into each worker. A trial's note is written once, so its version is 1.
+    """
+    storage, study_id, prefix = trial.storage, trial.study._study_id, f"dashboard:{trial._trial_id}"  # noqa: SLF001
+    storage.set_study_system_attr(study_id, f"{prefix}:note_ver", 1)
+    for i in range(0, len(body), NOTE_CHUNK):
+        storage.set_study_system_attr(study_id, f"{prefix}:note_str:{i // NOTE_CHUNK}", body[i:i + NOTE_CHUNK])
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -166,8 +178,7 @@ def suggest(trial: optuna.Trial, name: str, spec) -> Any:
 def run_trial(ctx: SweepContext, study: optuna.Study, trial: optuna.Trial) -> None:
     """Train one trial and tell Optuna how it ended; a retry continues its first attempt's folder and run."""
     sweep = ctx.sweep
-    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-    history = studies.retry_history(frozen)
+    history = studies.retry_history(trial.storage.get_trial(trial._trial_id))  # noqa: SLF001 - one trial, not the study
     folder = Path(sweep.dir) / "trials" / f"{(history[0] if history else trial.number):04d}"
     timer, pruning = TrainingTimer(), PruningHook(trial, sweep.metric)
     result, reason, cfg = Outcome.failed, None, None
