@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from sweep_fixtures import PROJECT_DIR, synthetic_mnist
 from tfsweep import stack
+from tfsweep.processes import process_alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not list(Path("/usr/lib/postgresql").glob("*/bin")),
                                                    reason="needs the Debian package postgresql")]
@@ -176,7 +177,7 @@ def test_the_stack_comes_up_again_after_its_machine_went_down(monkeypatch):
         os.killpg(int((state / "mlflow.pid").read_text()), signal.SIGKILL)
         os.kill(postmaster, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while stack.process_alive(postmaster) and time.monotonic() < deadline:
+        while process_alive(postmaster) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert (state / "postgres" / "postmaster.pid").exists()
         again = stack.up(state, mlflow_port=running.mlflow_port)

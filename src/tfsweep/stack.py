@@ -97,7 +97,8 @@ def _as_postgres(*command: str, stdin: str | None = None, check: bool = True) ->
 
 def _postgres_running(data: Path) -> bool:
     """pg_ctl's own check, so that a postmaster.pid left by a machine that went down does not count."""
-    return data.exists() and _as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(data), "status", check=False).returncode == 0
+    status = _as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(data), "status", check=False) if data.exists() else None
+    return status is not None and status.returncode == 0
 
 
 def _running_pid(pid_file: Path) -> int | None:

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attributes, set as soon as the trial's MLflow run exists
 RUN_URL_ATTR = "mlflow_run_url"
-NOTE_CHUNK = 2045  # optuna-dashboard's longest system attribute of a note
 RESTORED_ATTR = "restored_step"  # a retry that resumed from a checkpoint its run logged on another machine
+NOTE_CHUNK = 2045  # optuna-dashboard's longest system attribute of a note
 
 _interrupted = threading.Event()  # Ctrl-C or SIGTERM reached this process
 
