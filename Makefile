@@ -51,7 +51,7 @@ bench-quick: install data
 ui: install  ## browse runs at http://127.0.0.1:5000 (MLFLOW_TRACKING_URI, else ./mlflow.db)
 	$(PY) src/ui.py $(ARGS)
 
-stack-up: install  ## PostgreSQL + an authenticated MLflow server in .stack/, for multi-worker sweeps
+stack-up: install  ## PostgreSQL + an authenticated MLflow server in .stack/, for multi-worker sweeps (ARGS=--proxy: and Optuna's storage proxy)
 	$(PY) src/stack.py up $(ARGS)
 
 stack-down: install

@@ -127,6 +127,10 @@ def test_capacity_names_the_lowest_ceiling_and_the_fastest_growing_call():
     estimate = report.estimate_capacity([small, large], trial_seconds=40.0, server_cores=2)
     assert estimate["workers_by_ceiling"] == {"mlflow CPU": 200, "postgres CPU": 1600, "study lock": 10000}
     assert estimate["first_limit"] == "mlflow CPU" and estimate["workers"] == 200
+    large.update(database_connections_peak=48, database_max_connections=300)  # 3 per worker
+    estimate = report.estimate_capacity([small, large], trial_seconds=40.0, server_cores=2)
+    assert estimate["workers_by_ceiling"]["postgres connections"] == 100
+    assert estimate["first_limit"] == "postgres connections" and estimate["workers"] == 100
     assert estimate["grows_first"] == "ask"
 
 
@@ -168,10 +172,11 @@ def test_workers_on_a_journal_and_sqlite_count_every_trial_once(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")), reason="needs PostgreSQL")
-def test_make_loadtest_on_the_stack(tmp_path):
+@pytest.mark.parametrize("proxy", [[], ["--proxy"]], ids=["database", "storage proxy"])
+def test_make_loadtest_on_the_stack(tmp_path, proxy):
     """`python -m loadtest` with 4 workers on a fresh local stack: the table, 0 duplicated, 0 lost."""
     stack_dir = Path(tempfile.mkdtemp(prefix="tfsweep-loadtest-"))  # the postgres user cannot enter pytest's root-only tmp
-    command = [sys.executable, "-m", "loadtest", "--workers", "4", "--trials-per-worker", "2",
+    command = [sys.executable, "-m", "loadtest", "--workers", "4", "--trials-per-worker", "2", *proxy,
                "--stack-dir", str(stack_dir), "--mlflow-port", str(free_port()), "--trial-seconds", "40",
                "--results-dir", str(tmp_path / "results"), "trainer.steps=200"]
     try:
@@ -185,7 +190,11 @@ def test_make_loadtest_on_the_stack(tmp_path):
     row = next(line for line in lines if line.startswith("| 4 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "8" and cells[-3:] == ["0", "0", "0"]  # trials; errors, duplicated, lost
+    # Each of the 4 workers holds a pooled connection of its own (through the proxy, the proxy's pool does),
+    # and MLflow's server a few.
+    assert int(cells[report.COLUMNS.index("db connections peak")]) >= (2 if proxy else 5)
     assert any(line.startswith("capacity at 40.0 s a trial") for line in lines)
+    assert ("proxy CPU" in next(line for line in lines if line.startswith("capacity"))) is bool(proxy)
     saved = list((tmp_path / "results").glob("*-loadtest.json"))
     assert len(saved) == 1
     shutil.rmtree(stack_dir, ignore_errors=True)

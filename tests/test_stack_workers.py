@@ -27,14 +27,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not list(Path("/usr/lib/postg
                                                    reason="needs the Debian package postgresql")]
 
 N_WORKERS, N_TRIALS, STEPS, HEARTBEAT = 4, 6, 60, 2
-STUDY = "stack"
 
 
 @pytest.fixture(scope="module")
 def running_stack():
     state = Path(tempfile.mkdtemp(prefix="tfsweep-stack-"))  # the postgres user must reach it: not under pytest's
     try:
-        yield stack.up(state, mlflow_port=stack.free_port("127.0.0.1"))
+        yield stack.up(state, mlflow_port=stack.free_port("127.0.0.1"), proxy=True)
     finally:
         stack.down(state, purge=True)
 
@@ -47,7 +46,7 @@ def own_machine() -> list[str]:
     return []
 
 
-def start_workers(base: Path, running: stack.Stack) -> list[tuple[subprocess.Popen, Path]]:
+def start_workers(base: Path, running: stack.Stack, study: str, proxy: bool) -> list[tuple[subprocess.Popen, Path]]:
     """Prepare each worker's folders, then start them all at once; each is its own process group."""
     commands = []
     for index in range(N_WORKERS):
@@ -64,9 +63,9 @@ def start_workers(base: Path, running: stack.Stack) -> list[tuple[subprocess.Pop
             *(f"data.{split}.sha256={digest}" for split, digest in digests.items()),
             "model.filters=[4,8]", "model.dense_units=16", f"trainer.steps={STEPS}", "trainer.log_every=5",
             "trainer.eval_every=10", "trainer.checkpoint_every=10", "trainer.precision=float32",
-            "schedule=constant", "tracking.log_checkpoints=true", "sweeps/pruner=none", f"sweep.study_name={STUDY}",
+            "schedule=constant", "tracking.log_checkpoints=true", "sweeps/pruner=none", f"sweep.study_name={study}",
             f"sweep.storage={running.storage_url()}", f"sweep.n_trials={N_TRIALS}",
-            f"sweep.heartbeat_seconds={HEARTBEAT}",
+            f"sweep.heartbeat_seconds={HEARTBEAT}", *([f"sweep.storage_proxy={running.storage_proxy}"] if proxy else []),
         ]
         env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(tmp), "TF_CPP_MIN_LOG_LEVEL": "2",
                "WORKER_HOST": f"machine-{index}",
@@ -88,19 +87,21 @@ def victim_trial(study: optuna.Study, client: MlflowClient, pids: set[int]):
     return None
 
 
-def test_four_workers_sharing_only_the_network_survive_a_dead_machine(running_stack, monkeypatch):
-    started = time.monotonic()
+@pytest.mark.parametrize("proxy", [False, True], ids=["database", "storage proxy"])
+def test_four_workers_sharing_only_the_network_survive_a_dead_machine(running_stack, monkeypatch, proxy):
+    """Through the storage proxy too: only its heartbeat, written to the database, shows the dead machine."""
+    started, study_name = time.monotonic(), f"stack-{'proxy' if proxy else 'database'}"
     base = Path(tempfile.mkdtemp(prefix="tfsweep-workers-"))
     for key, value in running_stack.worker_env().items():
         monkeypatch.setenv(key, value)  # this test reads the record as a worker would
     client = MlflowClient(running_stack.tracking_uri)
-    workers = start_workers(base, running_stack)
+    workers = start_workers(base, running_stack, study_name, proxy)
     try:
         study, victim = None, None
         deadline = time.monotonic() + 240
         while victim is None and time.monotonic() < deadline and all(w.poll() is None for w, _ in workers):
             try:
-                study = study or optuna.load_study(study_name=STUDY, storage=running_stack.storage_url())
+                study = study or optuna.load_study(study_name=study_name, storage=running_stack.storage_url())
                 victim = victim_trial(study, client, {w.pid for w, _ in workers})
             except KeyError:  # the study does not exist yet
                 pass
@@ -122,7 +123,7 @@ def test_four_workers_sharing_only_the_network_survive_a_dead_machine(running_st
         outputs[r][-2000:] for _, r in survivors)
 
     # Exactly the requested trials; the dead machine's trial was retried elsewhere, from its artifacts.
-    study = optuna.load_study(study_name=STUDY, storage=running_stack.storage_url())
+    study = optuna.load_study(study_name=study_name, storage=running_stack.storage_url())
     trials = study.get_trials()
     assert sorted(t.state.name for t in trials) == ["COMPLETE"] * N_TRIALS + ["FAIL"]
     [failed] = [t for t in trials if t.state == TrialState.FAIL]
@@ -135,7 +136,7 @@ def test_four_workers_sharing_only_the_network_survive_a_dead_machine(running_st
 
     # One MLflow child run per trial (the retry continued the dead attempt's run), nothing left running.
     experiment = client.get_experiment_by_name("mnist-cnn")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`sweep.study_name` = '{STUDY}'")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`sweep.study_name` = '{study_name}'")
     children = [r for r in runs if r.data.tags["sweep.role"] == "trial"]
     [parent] = [r for r in runs if r.data.tags["sweep.role"] == "study"]
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == sorted(
@@ -157,7 +158,7 @@ def test_four_workers_sharing_only_the_network_survive_a_dead_machine(running_st
     secrets = stack.secrets_of(running_stack)
     files = [p for p in base.rglob("*") if p.is_file() and p.name != ".pgpass"]
     files += [p for p in (Path(running_stack.state_dir) / "artifacts").rglob("*") if p.is_file()]
-    files.append(Path(running_stack.state_dir) / "mlflow.log")
+    files += [Path(running_stack.state_dir) / name for name in ("mlflow.log", "proxy.log")]
     assert any(".hydra" in p.parts for p in files) and len(files) > 50
     leaks = [f"{p}: {name}" for p in files for name, secret in secrets.items() if secret.encode() in p.read_bytes()]
     for run in runs:

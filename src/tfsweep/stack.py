@@ -22,6 +22,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from dotenv import dotenv_values
 
@@ -50,6 +51,7 @@ class Stack:
     host: str
     pg_port: int
     mlflow_port: int
+    proxy_port: int | None = None  # Optuna's gRPC storage proxy, from the first `up(proxy=True)` on
 
     @property
     def tracking_uri(self) -> str:
@@ -58,6 +60,11 @@ class Stack:
     def storage_url(self) -> str:
         """The Optuna storage URL; the password comes from PGPASSFILE, not from the URL."""
         return f"postgresql://{DB_USER}@{self.host}:{self.pg_port}/optuna"
+
+    @property
+    def storage_proxy(self) -> str | None:
+        """The `sweep.storage_proxy` setting of this stack's proxy, if it has one."""
+        return None if self.proxy_port is None else f"{self.host}:{self.proxy_port}"
 
     @property
     def pgpass(self) -> Path:
@@ -149,8 +156,7 @@ def _start_postgres(stack: Stack, secrets_: dict[str, str]) -> None:
 
 def _start_mlflow(stack: Stack, secrets_: dict[str, str]) -> None:
     state = Path(stack.state_dir)
-    pid_file = state / "mlflow.pid"
-    if _running_pid(pid_file):
+    if _running_pid(state / "mlflow.pid"):
         return
     db = f"postgresql://{DB_USER}@{stack.host}:{stack.pg_port}"
     (state / "basic_auth.ini").write_text(
@@ -167,25 +173,52 @@ def _start_mlflow(stack: Stack, secrets_: dict[str, str]) -> None:
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_["flask"],  # signs the auth app's CSRF tokens
            # No job runner: seven queue consumers for GenAI evaluation jobs, unused by sweeps, that took
            # memory and CPU from the servers' 2 cores (as in src/ui.py).
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           # Room for a connection per request thread (anyio's 40): with the default 5 + 10, requests
+           # starved of CPU at 64 workers held them all and others failed after 30 s waiting for one.
+           "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "35"}
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
                "--backend-store-uri", f"{db}/mlflow", "--serve-artifacts",
                "--artifacts-destination", str(state / "artifacts"),
                "--host", stack.host, "--port", str(stack.mlflow_port), "--workers", "2"]
-    with open(state / "mlflow.log", "ab") as out:
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{stack.tracking_uri}/health", timeout=2) as response:
+            return response.status == 200
+
+    _start_server("mlflow", stack, command, env, healthy)
+
+
+def _start_proxy(stack: Stack) -> None:
+    if _running_pid(Path(stack.state_dir) / "proxy.pid"):
+        return
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "stack.py"), "proxy", "--dir", stack.state_dir]
+
+    def listening() -> bool:
+        with socket.create_connection((stack.host, stack.proxy_port), timeout=2):
+            return True
+
+    _start_server("proxy", stack, command, {**os.environ, "PGPASSFILE": str(stack.pgpass)}, listening)
+
+
+def _start_server(name: str, stack: Stack, command: list[str], env: dict[str, str],
+                  ready: Callable[[], bool]) -> None:
+    """Start `command` in its own session, logging to `<name>.log`; wait until `ready()` answers True."""
+    state = Path(stack.state_dir)
+    with open(state / f"{name}.log", "ab") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    pid_file.write_text(str(process.pid))
+    (state / f"{name}.pid").write_text(str(process.pid))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise StackError(f"mlflow server exited with code {process.returncode}; see {state / 'mlflow.log'}")
+            raise StackError(f"{name} server exited with code {process.returncode}; see {state / f'{name}.log'}")
         try:
-            with urllib.request.urlopen(f"{stack.tracking_uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+            if ready():
+                return
         except OSError:
-            time.sleep(0.5)
-    raise StackError(f"mlflow server did not answer within {READY_TIMEOUT_S} s; see {state / 'mlflow.log'}")
+            pass
+        time.sleep(0.5)
+    raise StackError(f"{name} server did not answer within {READY_TIMEOUT_S} s; see {state / f'{name}.log'}")
 
 
 def _ensure_worker_user(stack: Stack, secrets_: dict[str, str]) -> None:
@@ -201,8 +234,9 @@ def _ensure_worker_user(stack: Stack, secrets_: dict[str, str]) -> None:
             client.create_user(WORKER_USER, secrets_["worker"])
 
 
-def up(state_dir: Path, host: str = "127.0.0.1", mlflow_port: int = 5001) -> Stack:
-    """Start (or find running) PostgreSQL and the MLflow server; create databases, users and secrets."""
+def up(state_dir: Path, host: str = "127.0.0.1", mlflow_port: int = 5001, proxy: bool = False) -> Stack:
+    """Start (or find running) PostgreSQL and the MLflow server, and with `proxy` Optuna's storage proxy;
+    create databases, users and secrets."""
     state_dir = state_dir.resolve()
     state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o711)  # the postgres user must reach its data folder inside
@@ -214,7 +248,9 @@ def up(state_dir: Path, host: str = "127.0.0.1", mlflow_port: int = 5001) -> Sta
         secrets_ = {name: secrets.token_urlsafe(24) for name in ("postgres", "admin", "worker", "flask")}
         write_atomically(secrets_file, json.dumps(secrets_), mode=0o600)
         stack = Stack(str(state_dir), host, free_port(host), mlflow_port)
-        (state_dir / "stack.json").write_text(json.dumps(asdict(stack)))
+    if proxy and stack.proxy_port is None:
+        stack.proxy_port = free_port(stack.host)
+    (state_dir / "stack.json").write_text(json.dumps(asdict(stack)))
     write_atomically(stack.pgpass, f"{host}:{stack.pg_port}:*:{DB_USER}:{secrets_['postgres']}\n", mode=0o600)
     write_atomically(stack.worker_env_file, f"export MLFLOW_TRACKING_URI={stack.tracking_uri}\n"
                      f"export MLFLOW_TRACKING_USERNAME={WORKER_USER}\n"
@@ -223,13 +259,24 @@ def up(state_dir: Path, host: str = "127.0.0.1", mlflow_port: int = 5001) -> Sta
     _start_postgres(stack, secrets_)
     _start_mlflow(stack, secrets_)
     _ensure_worker_user(stack, secrets_)
+    if stack.proxy_port is not None:  # a stack once started with its proxy keeps it
+        _start_proxy(stack)
     return stack
 
 
-def down(state_dir: Path, purge: bool = False) -> None:
-    """Stop the MLflow server and PostgreSQL; with `purge`, delete the databases, artifacts and secrets."""
-    state_dir = state_dir.resolve()
-    pid_file = state_dir / "mlflow.pid"
+def serve_proxy(state_dir: Path) -> None:
+    """Run the stack's storage proxy in this process until it is stopped."""
+    from tfsweep.storage_proxy import serve
+
+    running = load(state_dir.resolve())
+    if running.proxy_port is None:
+        raise StackError(f"the stack in {state_dir} has no proxy port: start it with `make stack-up ARGS=--proxy`")
+    os.environ["PGPASSFILE"] = str(running.pgpass)
+    serve(running.storage_url(), running.host, running.proxy_port)
+
+
+def _stop_server(pid_file: Path) -> None:
+    """Stop the process group `pid_file` records: SIGTERM, then SIGKILL after 10 s."""
     if (pid := _running_pid(pid_file)) is not None:
         os.killpg(pid, signal.SIGTERM)
         for _ in range(100):
@@ -241,6 +288,14 @@ def down(state_dir: Path, purge: bool = False) -> None:
         else:
             os.killpg(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
+
+
+def down(state_dir: Path, purge: bool = False) -> None:
+    """Stop the proxy, the MLflow server and PostgreSQL; with `purge`, delete the databases, artifacts and
+    secrets."""
+    state_dir = state_dir.resolve()
+    for name in ("proxy", "mlflow"):
+        _stop_server(state_dir / f"{name}.pid")
     data = state_dir / "postgres"
     if _postgres_running(data):
         _as_postgres(str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")

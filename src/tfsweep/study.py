@@ -35,6 +35,7 @@ import numpy
 import optuna
 import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from tfsweep.credentials import redact_url
@@ -42,6 +43,7 @@ from tfsweep.crashpoints import crashpoint
 from tfsweep.errors import ConfigError, UserError, first_line
 from tfsweep.journal import check_journal
 from tfsweep.processes import file_lock, process_alive
+from tfsweep.storage_proxy import ProxyStorage
 from tfsweep.sweep_config import SweepConfig, build
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ FAIL_ATTR = "fail_reason"  # set when a trial failed by itself; such a trial cou
 PUBLISHER_ATTR = "publisher"  # study attribute: the worker publishing the results of so many finished trials
 QUEUE_MIN = 32  # queued trials at least, and 4 per running trial: Optuna reads every queued trial on each sync
 WAIT_SECONDS = 2.0  # a worker waiting for others' trials looks again this often (one cheap query)
+PROXY_READY_SECONDS = 10  # how long a worker waits for the storage proxy to answer at its start
 
 
 class StorageError(UserError):
@@ -87,25 +90,35 @@ def is_database(sweep: SweepConfig) -> bool:
 
 
 def open_storage(sweep: SweepConfig) -> optuna.storages.BaseStorage:
-    """A journal file (the default: safe for several processes on one machine) or a database URL."""
+    """A journal file (the default: safe for several processes on one machine), a database URL, or the
+    database through Optuna's gRPC proxy (`sweep.storage_proxy`)."""
     try:
         if not is_database(sweep):
             path = Path(sweep.storage).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
             check_journal(path)
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-        connect = {"connect_args": {"connect_timeout": 10}} if sweep.storage.startswith("postgresql") else {}
+        engine = {"connect_args": {"connect_timeout": 10}} if sweep.storage.startswith("postgresql") else {}
+        if sweep.storage_proxy:  # the database keeps only the heartbeat: no pool of idle connections
+            engine["poolclass"] = sqlalchemy.pool.NullPool
         # Optuna creates its tables on first use, and workers doing that at once collide; the lock
         # makes them take turns.
         with study_lock(sweep), experimental_ok():
-            return optuna.storages.RDBStorage(sweep.storage, engine_kwargs=connect,
-                                              heartbeat_interval=sweep.heartbeat_seconds,
-                                              grace_period=2 * sweep.heartbeat_seconds)
+            database = optuna.storages.RDBStorage(sweep.storage, engine_kwargs=engine,
+                                                  heartbeat_interval=sweep.heartbeat_seconds,
+                                                  grace_period=2 * sweep.heartbeat_seconds)
+        if not sweep.storage_proxy:
+            return database
+        with experimental_ok():
+            storage = ProxyStorage(sweep.storage_proxy, database)
+        storage.wait_server_ready(timeout=PROXY_READY_SECONDS)
+        return storage
     except UserError:
         raise
     except Exception as exc:  # SQLAlchemy, psycopg and OS errors all mean the same thing here
-        raise StorageError(f"sweep.storage={redact_url(sweep.storage)!r} cannot be opened ({first_line(exc)}); "
-                           "start the database, fix the URL, or use a journal file path") from exc
+        proxy = f" through sweep.storage_proxy={sweep.storage_proxy}" if sweep.storage_proxy else ""
+        raise StorageError(f"sweep.storage={redact_url(sweep.storage)!r} cannot be opened{proxy} ({first_line(exc)}); "
+                           "start the database (and the proxy), fix the URL, or use a journal file path") from exc
 
 
 def load_study(sweep: SweepConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -217,7 +230,7 @@ def worker_id() -> str:
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     """Record this process as the trial's owner; `next_trial` does, right after taking it."""
     storage = study._storage  # noqa: SLF001 - Study has no public storage accessor
-    if isinstance(storage, optuna.storages.RDBStorage):
+    if is_heartbeat_enabled(storage):  # a study's RDBStorage is wrapped in Optuna's cache: not an RDBStorage
         storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - an owned trial always has a heartbeat
     trial.set_user_attr(WORKER_ATTR, worker_id())
     crashpoint("sweep.before_owner_recorded")

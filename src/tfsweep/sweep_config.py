@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tfsweep.config import CONFIG_DIR, Config, compose_config, register_configs, require, validate
 from tfsweep.errors import ConfigError, first_line
+from tfsweep.storage_proxy import address
 
 PROJECT_DIR = CONFIG_DIR.parent
 
@@ -61,6 +62,7 @@ class SweepConfig:
     study_name: str = MISSING
     dir: str = MISSING  # trial folders (checkpoints), best_trial.yaml and the default journal storage
     storage: str = MISSING  # a journal file path, or a database URL such as postgresql://...
+    storage_proxy: Optional[str] = None  # host:port of Optuna's gRPC proxy before that database
     n_trials: int = MISSING  # finished trials (complete + pruned + failed) the study should reach
     timeout: Optional[float] = None  # seconds this command may run; the study can be resumed later
     n_workers: int = MISSING  # worker processes started by this command
@@ -226,6 +228,14 @@ def check(cfg: DictConfig) -> SweepConfig:
         require(getattr(sweep, key) >= 1, f"sweep.{key}", getattr(sweep, key), "it must be a positive integer")
     require(sweep.timeout is None or sweep.timeout > 0, "sweep.timeout", sweep.timeout,
             "give seconds > 0, or null for no limit")
+    if sweep.storage_proxy:
+        require("://" in sweep.storage, "sweep.storage", sweep.storage, "with sweep.storage_proxy, give the "
+                "database URL the proxy serves (the study lock and the heartbeat go to it directly)")
+        try:
+            address(sweep.storage_proxy)
+        except ValueError:
+            raise ConfigError(f"sweep.storage_proxy={sweep.storage_proxy!r} is invalid: give host:port, as "
+                              "`make stack-up ARGS=--proxy` prints it") from None
     require(sweep.max_retry >= 0, "sweep.max_retry", sweep.max_retry, "it must be zero or more")
     if not sweep.params:
         raise ConfigError("sweep.params is empty: give at least one training config key to search")

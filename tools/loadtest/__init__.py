@@ -31,13 +31,16 @@ def run_load_test(worker_counts: list[int], trials_per_worker: int, stack_dir: P
                   trial_seconds: float | None = None, train_seconds: float = 0.005,
                   checkpoint_size: int | None = None, lock_file: str | None = None, server_cores: float | None = None,
                   results_dir: Path | None = RESULTS_DIR, extra_overrides: list[str] = (),
-                  keep_artifacts: bool = False) -> dict[str, Any]:
-    """Bring up (or reuse) the local stack and run one sweep per worker count; return (and save) the result."""
+                  keep_artifacts: bool = False, proxy: bool = False) -> dict[str, Any]:
+    """Bring up (or reuse) the local stack and run one sweep per worker count; return (and save) the result.
+    With `proxy`, the workers reach the study through the stack's Optuna storage proxy."""
     from tfsweep import stack as stacks
 
-    running = stacks.up(stack_dir, mlflow_port=mlflow_port)
+    running = stacks.up(stack_dir, mlflow_port=mlflow_port, proxy=proxy)
+    if proxy:
+        extra_overrides = [f"sweep.storage_proxy={running.storage_proxy}", *extra_overrides]
     os.environ.update(running.worker_env())  # the workers inherit the tracking server's credentials
-    pids = server_pids(running)
+    pids = server_pids(running, proxy)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     levels = []
     for n_workers in worker_counts:
@@ -55,7 +58,8 @@ def run_load_test(worker_counts: list[int], trials_per_worker: int, stack_dir: P
             log.info("%s", table([level]).splitlines()[-1])
     seconds, source = (trial_seconds, "--trial-seconds") if trial_seconds else default_trial_seconds()
     result = {"mode": "loadtest", "machine": machine(), "stack": {"mlflow": running.tracking_uri,
-              "postgres": f"{running.host}:{running.pg_port}"}, "trials_per_worker": trials_per_worker,
+              "postgres": f"{running.host}:{running.pg_port}", "storage_proxy": running.storage_proxy if proxy else None},
+              "trials_per_worker": trials_per_worker,
               "train_seconds": train_seconds, "levels": levels, "table": table(levels),
               "trial_seconds_source": source}
     if seconds:

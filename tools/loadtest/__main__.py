@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--train-ms", type=float, default=5, help="the stand-in's training time per trial")
     parser.add_argument("--lock-file", help="take this file lock around each worker count (a shared machine)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    parser.add_argument("--proxy", action="store_true", help="workers reach the study through Optuna's storage "
+                        "proxy (sweep.storage_proxy), started on the stack")
     parser.add_argument("--keep-artifacts", action="store_true", help="keep the uploaded checkpoint files")
     parser.add_argument("overrides", nargs="*", help="sweep config overrides, e.g. trainer.steps=2000")
     args = parser.parse_args()
@@ -37,7 +39,7 @@ def main() -> None:
                                trial_seconds=args.trial_seconds, train_seconds=args.train_ms / 1000,
                                lock_file=args.lock_file, server_cores=args.server_cores,
                                extra_overrides=args.overrides, keep_artifacts=args.keep_artifacts,
-                               results_dir=args.results_dir)
+                               results_dir=args.results_dir, proxy=args.proxy)
     except UserError as exc:
         logging.error("%s", exc)
         sys.exit(1)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from loadtest.audit import audit_study
 from loadtest.clock import DETAILS, GROUPS
-from loadtest.server_cpu import cpu_seconds
+from loadtest.server_cpu import ConnectionPeak, cpu_seconds
 from loadtest.workers import Workers
 
 EXPERIMENT = "tfsweep-loadtest"
@@ -45,14 +46,17 @@ def run_level(overrides: list[str], n_workers: int, workdir: Path, pids: dict[st
                                                   {f"sweep.{k}": v for k, v in flatten(cfg.sweep).items()
                                                    if k != "storage"})
     workers = Workers(ctx, n_workers, workdir, train_seconds, checkpoint_size, start_timeout)
-    workers.release()
-    started, cpu_before = time.perf_counter(), cpu_seconds(pids or {})
-    records = workers.join()
-    wall = time.perf_counter() - started
+    connections = ConnectionPeak(sweep.storage) if sweep.storage.startswith("postgresql") else nullcontext()
+    with connections:
+        workers.release()
+        started, cpu_before = time.perf_counter(), cpu_seconds(pids or {})
+        records = workers.join()
+        wall = time.perf_counter() - started
     server_cpu = {name: seconds - cpu_before[name] for name, seconds in cpu_seconds(pids or {}).items()}
     audit = audit_study(studies.load_study(sweep, studies.open_storage(sweep)), sweep.n_trials,
                         client, ctx.experiment, sweep.study_name)
-    return summarize_level(n_workers, sweep.n_trials, wall, records, audit, server_cpu)
+    return summarize_level(n_workers, sweep.n_trials, wall, records, audit, server_cpu,
+                           getattr(connections, "peak", None), getattr(connections, "max_connections", None))
 
 
 def p50_p99(values: list[float]) -> dict[str, float | None]:
@@ -63,7 +67,8 @@ def p50_p99(values: list[float]) -> dict[str, float | None]:
 
 
 def summarize_level(n_workers: int, n_trials: int, wall: float, workers: list[dict], audit: dict[str, Any],
-                    server_cpu: dict[str, float]) -> dict[str, Any]:
+                    server_cpu: dict[str, float], peak_connections: int | None = None,
+                    max_connections: int | None = None) -> dict[str, Any]:
     """The level's row: trials per minute, per-trial p50/p99 seconds of each group, errors, duplicates, losses."""
     trials = [t for w in workers for t in w.get("trials", [])]
     per_trial = {group: [sum(t["calls"].get(group, [])) for t in trials] for group in (*GROUPS, *DETAILS)}
@@ -87,6 +92,8 @@ def summarize_level(n_workers: int, n_trials: int, wall: float, workers: list[di
         "lost": audit["lost_trials"] + audit["lost_runs"],
         "audit": audit,
         "server_cpu_seconds": server_cpu,
+        "database_connections_peak": peak_connections,  # all of PostgreSQL's; None on other storage
+        "database_max_connections": max_connections,
         "server_cpu_seconds_per_trial": {k: v / told for k, v in server_cpu.items()} if told else {},
         "worker_cpu_seconds_per_trial": sum(w.get("cpu_seconds", 0) for w in workers) / told if told else None,
         "workers_loaded_tensorflow": sum(bool(w.get("tensorflow_loaded")) for w in workers),

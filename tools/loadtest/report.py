@@ -31,12 +31,14 @@ def default_trial_seconds(results_dir: Path = RESULTS_DIR) -> tuple[float | None
 def estimate_capacity(levels: list[dict[str, Any]], trial_seconds: float, server_cores: float) -> dict[str, Any]:
     """How many real workers one PostgreSQL and one MLflow server can feed, and the first bottleneck.
 
-    Three ceilings, from the largest level: each server's CPU seconds per trial (a server with
+    Ceilings from the largest level: each server's CPU seconds per trial (a server with
     `server_cores` cores serves at most server_cores / cpu_per_trial trials a second), and the study
     lock held alone (recovery), which stops every asker: at most 1 / (its seconds per trial) trials a
     second. Held shared, to take a trial, it stops no one. A worker asks for one trial
-    every `trial_seconds`, so a ceiling of R trials per second feeds R x trial_seconds workers. The first
-    bottleneck by latency is the group whose p50 per trial grew most from the smallest level to the largest.
+    every `trial_seconds`, so a ceiling of R trials per second feeds R x trial_seconds workers. One more
+    does not depend on the trial's length: PostgreSQL's `max_connections`, shared by the study and
+    MLflow, over the connections open at the peak per worker. The first bottleneck by latency is the group
+    whose p50 per trial grew most from the smallest level to the largest.
     """
     smallest, largest = levels[0], levels[-1]
     ceilings = {f"{server} CPU": server_cores / cpu * trial_seconds
@@ -44,6 +46,9 @@ def estimate_capacity(levels: list[dict[str, Any]], trial_seconds: float, server
     hold = largest.get("alone_hold_seconds_per_trial")
     if hold:
         ceilings["study lock"] = trial_seconds / hold
+    if largest.get("database_connections_peak"):
+        ceilings["postgres connections"] = (largest["database_max_connections"] * largest["workers"]
+                                            / largest["database_connections_peak"])
     p50s = {group: (smallest["per_trial"][group]["p50"], largest["per_trial"][group]["p50"]) for group in GROUPS}
     growth = {group: high / low for group, (low, high) in p50s.items() if low and high}
     limit = min(ceilings, key=ceilings.get) if ceilings else None
@@ -54,7 +59,7 @@ def estimate_capacity(levels: list[dict[str, Any]], trial_seconds: float, server
 
 
 COLUMNS = ["workers", "trials", "wall s", "trials/min", *(f"{label} p50/p99 ms" for label in GROUPS.values()),
-           "lock shared p50/p99 ms", "lock alone ms/trial", "errors", "duplicated", "lost"]
+           "lock shared p50/p99 ms", "lock alone ms/trial", "db connections peak", "errors", "duplicated", "lost"]
 
 
 def table(levels: list[dict[str, Any]]) -> str:
@@ -67,6 +72,7 @@ def table(levels: list[dict[str, Any]]) -> str:
         cells = [str(level["workers"]), str(level["trials"]), f"{level['wall_seconds']:.1f}",
                  f"{level['trials_per_minute']:.0f}", *(ms(level["per_trial"][g]) for g in GROUPS),
                  ms(level["per_trial"]["lock_hold"]), f"{1000 * (level.get('alone_hold_seconds_per_trial') or 0):.0f}",
+                 str(level.get("database_connections_peak") or "-"),
                  str(level["errors"]), str(level["duplicated"]), str(level["lost"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

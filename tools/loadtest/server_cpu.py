@@ -1,17 +1,21 @@
-"""The servers' CPU seconds, read from /proc: the MLflow server's and PostgreSQL's, children included."""
+"""The servers' load: CPU seconds from /proc (the MLflow server's, PostgreSQL's and the storage proxy's,
+children included), and PostgreSQL's open connections at their peak."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from pathlib import Path
 
 
-def server_pids(stack) -> dict[str, int]:
-    """The MLflow server's and the PostgreSQL postmaster's process ids, from the stack's state folder."""
+def server_pids(stack, proxy: bool = False) -> dict[str, int]:
+    """The MLflow server's and the PostgreSQL postmaster's process ids, and with `proxy` the storage
+    proxy's, from the stack's state folder."""
     state = Path(stack.state_dir)
-    return {"mlflow": int((state / "mlflow.pid").read_text().split()[0]),
-            "postgres": int((state / "postgres" / "postmaster.pid").read_text().split()[0])}
+    pid_files = {"mlflow": state / "mlflow.pid", "postgres": state / "postgres" / "postmaster.pid",
+                 **({"proxy": state / "proxy.pid"} if proxy else {})}
+    return {name: int(path.read_text().split()[0]) for name, path in pid_files.items()}
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -40,3 +44,34 @@ def tree_cpu_seconds(root_pid: int) -> float:
             total += sum(map(int, stats[pid][11:15])) / tick  # utime, stime, cutime, cstime
         pending.extend(children.get(pid, []))
     return total
+
+
+class ConnectionPeak:
+    """The most client connections a PostgreSQL server had open at once while the block ran (the study's
+    and MLflow's databases together: they share `max_connections`), sampled every `every` seconds from
+    `pg_stat_activity` over one connection of its own (not counted)."""
+
+    def __init__(self, url: str, every: float = 0.2) -> None:
+        self.url, self.every, self.peak, self.max_connections = url, every, 0, None
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        import sqlalchemy
+
+        # Autocommit: PostgreSQL keeps one snapshot of pg_stat_activity for a whole transaction.
+        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
+        query = sqlalchemy.text("SELECT count(*) - 1 FROM pg_stat_activity WHERE backend_type = 'client backend'")
+        with engine.connect() as connection:
+            self.max_connections = int(connection.execute(sqlalchemy.text("SHOW max_connections")).scalar_one())
+            while not self._stop.is_set():
+                self.peak = max(self.peak, connection.execute(query).scalar_one())
+                self._stop.wait(self.every)
+
+    def __enter__(self) -> "ConnectionPeak":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
