@@ -157,9 +157,26 @@ def check_level(result: dict, trials: int) -> None:
     audit = result["audit"]
     assert audit["study_trials"] == trials and audit["mlflow_runs"] == trials and audit["left_running"] == 0
     assert result["trials_per_minute"] > 0 and result["workers_loaded_tensorflow"] == 0
+    assert result["worker_start_cpu_seconds"]["p50"] > 0  # each worker's start-up, outside the window
     for group in GROUPS:  # every group was timed in every trial: a call path that moved shows here
         assert result["per_call"][group]["calls"] >= trials, group
         assert result["per_trial"][group]["p50"] > 0, group
+
+
+def test_warm_up_composes_what_every_trial_of_the_default_sweep_copies(tmp_path):
+    """The worker's first compose happens before the release: a trial's config is then a cache hit."""
+    from loadtest.workers import warm_up
+    from tfsweep import sweep_config
+
+    cfg = compose_sweep([f"sweep.dir={tmp_path}"])
+    ctx = sweep_config.SweepContext(sweep_config.check(cfg), sweep_config.command_overrides(cfg), "lt", None)
+    sweep_config._cached_compose.cache_clear()
+    warm_up(ctx, str(tmp_path / "warm-up"))
+    hits = sweep_config._cached_compose.cache_info().hits
+    params = {"data.batch_size": 128, "optimizer.learning_rate": 3e-3, "model.dropout": 0.2}
+    assert set(params) == set(ctx.sweep.params)
+    sweep_config.trial_config(ctx.overrides, params, str(tmp_path / "0000"))
+    assert sweep_config._cached_compose.cache_info().hits == hits + 1
 
 
 def test_workers_on_a_journal_and_sqlite_count_every_trial_once(tmp_path):

@@ -96,6 +96,8 @@ def summarize_level(n_workers: int, n_trials: int, wall: float, workers: list[di
         "database_max_connections": max_connections,
         "server_cpu_seconds_per_trial": {k: v / told for k, v in server_cpu.items()} if told else {},
         "worker_cpu_seconds_per_trial": sum(w.get("cpu_seconds", 0) for w in workers) / told if told else None,
+        # Each worker's start-up (imports, the first compose) before the release, outside the figures above.
+        "worker_start_cpu_seconds": p50_p99([w["start_cpu_seconds"] for w in workers if "start_cpu_seconds" in w]),
         "workers_loaded_tensorflow": sum(bool(w.get("tensorflow_loaded")) for w in workers),
         "worker_max_rss_mb": max((w.get("max_rss_mb", 0) for w in workers), default=None),
     }

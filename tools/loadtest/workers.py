@@ -24,13 +24,26 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def warm_up(ctx, workdir: str) -> None:
+    """A worker's one-time start-up, done before the release as on a machine of its own: Hydra composes the
+    sweep's command line (each trial then sets its values on a copy) and MLflow resolves its context tags
+    (importing GitPython). Otherwise 64 workers pay it in the first seconds of the measured window."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from tfsweep.sweep_config import trial_config
+
+    trial_config(ctx.overrides, {}, workdir)
+    resolve_tags({})
+
+
 def worker_main(ctx, index: int, ready, start, out_path: str, train_seconds: float, checkpoint_size: int | None) -> None:
     """One worker process: load the sweep with the stand-in, wait for the others, run trials, save timings."""
     logging.basicConfig(level=logging.WARNING, format=f"[worker {index}] %(message)s")
     install_stand_in(train_seconds, checkpoint_size)
     from tfsweep import sweep
 
-    record: dict[str, Any] = {"worker": index, "pid": os.getpid()}
+    warm_up(ctx, str(Path(out_path).with_suffix(".warm-up")))
+    record: dict[str, Any] = {"worker": index, "pid": os.getpid(), "start_cpu_seconds": _cpu_seconds()}
     with measure_calls() as clock:
         ready.put(index)
         start.wait()
