@@ -102,13 +102,13 @@ def test_tiny_sweep_records_each_trial_as_a_child_run_with_its_params_and_valida
     assert all(parent.data.params[f"space.{name}"].split()[0] in ("float", "int", "one")
                for name in study.best_params)
     assert parent.data.metrics["best_value"] == study.best_value
-    assert parent.data.tags["best.trial_number"] == str(study.best_trial.number)
+    assert parent.data.tags["best.trial_number"] == str(studies.best_trial(study).number)
     assert {k: parent.data.tags[f"best.{k}"] for k in study.best_params} == {
         k: str(v) for k, v in study.best_params.items()}
     assert parent.data.metrics["best_test_accuracy"] == result["best_test_accuracy"]
     # The run page opens on the answer: its description names the best trial and its test accuracy.
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith(f"**Best: trial {study.best_trial.number}**, val/accuracy {study.best_value:.4f}, "
+    assert note.startswith(f"**Best: trial {studies.best_trial(study).number}**, val/accuracy {study.best_value:.4f}, "
                            f"test accuracy {result['best_test_accuracy']:.4f}")
     assert "3 trials (3 complete); all of sweep.n_trials done." in note and "drawn from 5 complete trials on" in note
     assert "best_trial.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -561,3 +561,15 @@ def test_importances_and_parallel_coordinates_wait_for_five_complete_trials(n_co
     client = FigureClient()
     log_plots(client, "run", study, "val/accuracy")
     assert {p.removeprefix("plots/").removesuffix(".png") for p in client.paths} == drawn
+
+
+@pytest.mark.parametrize("direction, values, best", [("maximize", [0.5, 1.0, 1.0, 0.7], 1),
+                                                      ("minimize", [0.3, 0.1, 0.2, 0.1], 1)])
+def test_best_trial_is_the_earliest_of_equal_ones_on_a_database_too(tmp_path, direction, values, best):
+    """A database's own best-trial query returns any of equal trials; the published best must not depend on it."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", direction=direction)
+    assert studies.best_trial(study) is None
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))
+    for value in values:
+        study.add_trial(optuna.trial.create_trial(value=value))
+    assert studies.best_trial(study).number == best + 1  # the pruned trial is number 0

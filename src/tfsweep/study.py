@@ -200,6 +200,15 @@ def finished_trials(study: optuna.Study) -> int:
     return sum(uses_budget(t) and t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The complete trial with the best value, the earliest of equal ones; None before one completes.
+    Not `study.best_trial`: a database's own query returns any of equal trials, so through the proxy and
+    directly, or from one call to the next, the published best could differ."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(complete, key=lambda t: t.value) if complete else None  # the first of equals, by number
+
+
 def is_finished(study: optuna.Study, n_trials: int) -> bool:
     """All the budget's trials have ended (none is running in another worker)."""
     return finished_trials(study) >= n_trials and not any_running(study)

@@ -133,11 +133,12 @@ def run_sweep(cfg: DictConfig) -> dict[str, Any]:
         settings = sweep_tracking.study_params(sweep, redact_url(sweep.storage))  # no database password
         ctx.parent_run_id = sweep_tracking.parent_run(client, ctx.experiment, study, settings)
         runs_view.save_view(client, experiment_id(client, ctx.experiment), sweep.params)
-    if already_finished and client is not None and study.best_trials and sweep_tracking.is_published(
-            client, ctx.parent_run_id, studies.finished_trials(study), study.best_trial.number):
+    best = studies.best_trial(study)
+    if already_finished and client is not None and best and sweep_tracking.is_published(
+            client, ctx.parent_run_id, studies.finished_trials(study), best.number):
         result = summarize(study)
         result.update(best_test_accuracy=sweep_tracking.recorded_test_accuracy(
-            client, ctx.parent_run_id, study.best_trial.number),
+            client, ctx.parent_run_id, best.number),
             best_config=str(Path(sweep.dir) / BEST_CONFIG), published=False)
         log.info("study %s is finished (%d of %d trials) and its results are on MLflow run %s; nothing to do: "
                  "raise sweep.n_trials to extend it", study.study_name, studies.finished_trials(study),

@@ -81,7 +81,7 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
     ran = [r for r, o in zip(rows, outcomes) if o in ended and r["seconds"] is not None
            and r["training_seconds"] is not None]
     counts = Counter(outcomes)
-    best = study.best_trial if study.best_trials else None
+    best = studies.best_trial(study)
     return {
         "study_name": study.study_name,
         **{f"n_{o.value}": counts[o] for o in (*ended, Outcome.interrupted)},
@@ -102,7 +102,7 @@ def publish_results(cfg: DictConfig, ctx: SweepContext, study: optuna.Study, cli
     previous attempt (a crash while publishing) already did it; the caller sets the parent's status last."""
     if result["best_trial"] is None:
         return {}
-    best = study.best_trial
+    best = studies.best_trial(study)
     trial_cfg = trial_config(ctx.overrides, best.params, best.user_attrs["trial_dir"],
                              experiment_name=ctx.experiment)
     path = write_best_config(trial_cfg, cfg, Path(ctx.sweep.dir) / BEST_CONFIG, study.study_name, best.number)

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
 from tfsweep.crashpoints import crashpoint
+from tfsweep.study import best_trial
 from tfsweep.tracking_store import experiment_id
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def register_champion(uri: str, model_id: str, name: str, study, test_accuracy: 
     if versions:
         version = versions[0]
     else:
-        best = study.best_trial
+        best = best_trial(study)
         description = (f"Trial {best.number} of study {study.study_name}: validation {best.value:.4f}, "
                        f"test accuracy {test_accuracy:.4f}")
         version = mlflow.register_model(f"models:/{model_id}", name, tags={STUDY_TAG: study.study_name,
@@ -153,7 +154,7 @@ def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[
             test_accuracy: float, config_path: Path, model_uri: str | None, ended: str) -> None:
     """Put the results of the trials finished so far on the study's parent run; safe to repeat. The caller
     sets the run's status last."""
-    best = study.best_trial
+    best = best_trial(study)
     step = sum(counts.values())  # the finished trials: a continued study logs at a new step
     tags = client.get_run(run_id).data.tags
     if tags.get(PUBLISHED_TAG) != str(step) or tags.get(TESTED_TAG) != str(best.number):
@@ -163,7 +164,7 @@ def publish(client: MlflowClient, run_id: str, study, metric: str, counts: dict[
                 **{f"best.{name}": str(value) for name, value in best.params.items()}}
         if model_uri:
             tags["best.model_uri"] = model_uri
-        tags[NOTE_TAG] = description(study.best_trial, metric, counts, test_accuracy, model_uri, ended)
+        tags[NOTE_TAG] = description(best, metric, counts, test_accuracy, model_uri, ended)
         # One request, so a crash leaves all of it or none of it.
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
