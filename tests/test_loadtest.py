@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -214,4 +215,5 @@ def test_make_loadtest_on_the_stack(tmp_path, proxy):
     assert ("proxy CPU" in next(line for line in lines if line.startswith("capacity"))) is bool(proxy)
     saved = list((tmp_path / "results").glob("*-loadtest.json"))
     assert len(saved) == 1
+    assert "--gunicorn-opts" in json.loads(saved[0].read_text())["stack"]["mlflow_server"]  # what it measured
     shutil.rmtree(stack_dir, ignore_errors=True)

@@ -37,6 +37,10 @@ DATABASES = ("optuna", "mlflow", "mlflow_auth")  # the study; MLflow's runs; MLf
 WORKER_USER = "worker"
 ADMIN_USER = "admin"
 READY_TIMEOUT_S = 120
+# Room for ~250 direct workers (3-4 connections each at the peak) and the MLflow server; ~1.6 MB of the
+# server's memory per connection. Workers through the storage proxy hold fewer.
+PG_MAX_CONNECTIONS = 1000
+MLFLOW_THREADS = 16  # request threads in each of the MLflow server's 2 processes
 
 
 class StackError(UserError):
@@ -143,7 +147,7 @@ def _start_postgres(stack: Stack, secrets_: dict[str, str]) -> None:
                      "--auth-host=scram-sha-256")
     if not _postgres_running(data):
         _as_postgres(str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(socket_dir / "postgres.log"), "-w", "-o",
-                     f"-p {stack.pg_port} -k {socket_dir} -c listen_addresses={stack.host} -c max_connections=300",
+                     f"-p {stack.pg_port} -k {socket_dir} -c listen_addresses={stack.host} -c max_connections={PG_MAX_CONNECTIONS}",
                      "start")
     if first_start:
         psql = [str(pg_bin / "psql"), "-h", str(socket_dir), "-p", str(stack.pg_port), "-U", "postgres",
@@ -174,13 +178,16 @@ def _start_mlflow(stack: Stack, secrets_: dict[str, str]) -> None:
            # No job runner: seven queue consumers for GenAI evaluation jobs, unused by sweeps, that took
            # memory and CPU from the servers' 2 cores (as in src/ui.py).
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           # Room for a connection per request thread (anyio's 40): with the default 5 + 10, requests
-           # starved of CPU at 64 workers held them all and others failed after 30 s waiting for one.
-           "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "35"}
+           # A connection per request thread (the default pool of 5 + 10 is one short): requests starved
+           # of CPU at 64 workers held them all and others failed after 30 s waiting for one.
+           "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(MLFLOW_THREADS - 5)}
+    # Gunicorn serves the Flask app itself; uvicorn (MLflow's default) wraps it in FastAPI and a thread
+    # pool, which cost the server ~1.3-1.6x the CPU per sweep trial (docs/loadtest.md).
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
                "--backend-store-uri", f"{db}/mlflow", "--serve-artifacts",
                "--artifacts-destination", str(state / "artifacts"),
-               "--host", stack.host, "--port", str(stack.mlflow_port), "--workers", "2"]
+               "--host", stack.host, "--port", str(stack.mlflow_port), "--workers", "2",
+               "--gunicorn-opts", f"--worker-class gthread --threads {MLFLOW_THREADS} --timeout 120"]
 
     def healthy() -> bool:
         with urllib.request.urlopen(f"{stack.tracking_uri}/health", timeout=2) as response:

@@ -21,7 +21,7 @@ from typing import Any
 
 from loadtest.level import EXPERIMENT, run_level, sweep_overrides
 from loadtest.report import RESULTS_DIR, default_trial_seconds, estimate_capacity, machine, table
-from loadtest.server_cpu import server_pids
+from loadtest.server_cpu import mlflow_server_command, server_pids
 from tfsweep.processes import file_lock, write_atomically
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def run_load_test(worker_counts: list[int], trials_per_worker: int, stack_dir: P
             log.info("%s", table([level]).splitlines()[-1])
     seconds, source = (trial_seconds, "--trial-seconds") if trial_seconds else default_trial_seconds()
     result = {"mode": "loadtest", "machine": machine(), "stack": {"mlflow": running.tracking_uri,
-              "postgres": f"{running.host}:{running.pg_port}", "storage_proxy": running.storage_proxy if proxy else None},
+              "postgres": f"{running.host}:{running.pg_port}", "storage_proxy": running.storage_proxy if proxy else None,
+              "mlflow_server": mlflow_server_command(running)},
               "trials_per_worker": trials_per_worker,
               "train_seconds": train_seconds, "levels": levels, "table": table(levels),
               "trial_seconds_source": source}

@@ -18,6 +18,13 @@ def server_pids(stack, proxy: bool = False) -> dict[str, int]:
     return {name: int(path.read_text().split()[0]) for name, path in pid_files.items()}
 
 
+def mlflow_server_command(stack) -> str:
+    """How the stack runs the MLflow server (its `mlflow server` options): the server type changes its CPU."""
+    pid = server_pids(stack)["mlflow"]
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return " ".join(arguments[arguments.index("server"):] if "server" in arguments else arguments).strip()
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
 
