@@ -11,6 +11,7 @@ import queue
 import resource
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -51,7 +52,10 @@ def worker_main(ctx, index: int, ready, start, out_path: str, train_seconds: flo
         try:
             sweep.work(ctx, index, show_progress=False)
         except Exception as exc:  # the parent reports it; the other workers go on
-            record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            # Where, too: an error through the storage proxy comes without a message.
+            where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                               for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+            record["error"] = f"{type(exc).__name__}: {exc} (at {where})"[:2000]
         record.update(seconds=time.perf_counter() - started, cpu_seconds=_cpu_seconds() - cpu,
                       max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       tensorflow_loaded="tensorflow" in sys.modules,
