@@ -21,8 +21,8 @@ def server_pids(stack, proxy: bool = False) -> dict[str, int]:
 def mlflow_server_command(stack) -> str:
     """How the stack runs the MLflow server (its `mlflow server` options): the server type changes its CPU."""
     pid = server_pids(stack)["mlflow"]
-    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    return " ".join(arguments[arguments.index("server"):] if "server" in arguments else arguments).strip()
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+    return " ".join(arguments[arguments.index("server"):])  # the pid file's process is the `mlflow` command
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:

@@ -54,7 +54,7 @@ def worker_main(ctx, index: int, ready, start, out_path: str, train_seconds: flo
         except Exception as exc:  # the parent reports it; the other workers go on
             # Where, too: an error through the storage proxy comes without a message.
             where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
-                               for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+                               for f in reversed(traceback.extract_tb(exc.__traceback__, limit=-4)))
             record["error"] = f"{type(exc).__name__}: {exc} (at {where})"[:2000]
         record.update(seconds=time.perf_counter() - started, cpu_seconds=_cpu_seconds() - cpu,
                       max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
