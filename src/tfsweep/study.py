@@ -166,7 +166,8 @@ def study_lock(sweep: SweepConfig, shared: bool = False) -> Iterator[None]:
     while tables are created and while a publisher is chosen.
 
     A file lock for a journal or SQLite file, a PostgreSQL advisory lock for a database shared by
-    machines; both are released by the operating system or the server when their process dies.
+    machines; both are released by the operating system or the server when their process dies. On SQLite
+    it is always held alone: a pop there reads the trial without locking its row.
     """
     if sweep.storage.startswith("postgresql"):
         key, mode = {"key": f"tfsweep:{sweep.study_name}"}, "_shared" if shared else ""
@@ -183,6 +184,7 @@ def study_lock(sweep: SweepConfig, shared: bool = False) -> Iterator[None]:
             raise ConfigError(f"sweep.storage={redact_url(sweep.storage)!r} is not supported: use a journal file "
                               "path, sqlite:///<file> or postgresql://user@host/db")
         lock_path = Path(url.database).expanduser().with_suffix(".lock")
+        shared = False  # SQLite has no SELECT ... FOR UPDATE: two askers at once could take one trial
     else:
         lock_path = Path(sweep.storage).expanduser().with_name(Path(sweep.storage).name + ".study.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
