@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 import ui
 from tfsweep import runs_view
@@ -59,6 +60,23 @@ def test_the_saved_view_adds_each_writers_params_after_the_objective(store):
     client.set_experiment_tag = lambda *args: writes.append(args)
     runs_view.save_view(client, experiment, ["model.dropout"])  # nothing new: not written again
     assert writes == []
+
+
+def test_a_writer_that_loses_the_race_to_create_the_view_adds_its_columns_to_the_winners(store):
+    """Four commands starting together on PostgreSQL: MLflow's tag insert fails for all but one."""
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("newer").experiment_id
+    set_tag = client.set_experiment_tag
+
+    def lose_the_race(*args):
+        client.set_experiment_tag = set_tag
+        runs_view.save_view(MlflowClient(store), experiment, ["model.dropout"])  # the winner, just before
+        raise MlflowException("duplicate key value violates unique constraint \"experiment_tag_pk\"")
+
+    client.set_experiment_tag = lose_the_race
+    runs_view.save_view(client, experiment, ["data.batch_size"])
+    columns = runs_view.view_columns(client.get_experiment(experiment).tags[runs_view.VIEW_TAG])
+    assert columns[-2:] == ["params.`model.dropout`", "params.`data.batch_size`"]
 
 
 def test_the_default_store_is_trainings(monkeypatch):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 VIEW_ID = "tfsweep"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
@@ -35,18 +36,29 @@ def view_columns(tag_value: str | None) -> list[str]:
         return []
 
 
-def save_view(client: MlflowClient, experiment_id: str, params: Iterable[str]) -> None:
-    """Show `params` (MLflow param names) beside the objective in the experiment's saved view."""
-    stored = client.get_experiment(experiment_id).tags.get(VIEW_TAG)
-    shown = view_columns(stored)
-    wanted = [*MLFLOW_COLUMNS, *(column("metrics", m) for m in METRICS), *(column("tags", t) for t in TAGS)]
-    new_params = [c for c in (column("params", p) for p in params) if c not in shown]
-    columns = [*wanted, *(c for c in shown if c not in wanted), *new_params]
-    if columns == shown:
-        return
-    state = {"selectedColumns": columns}
-    envelope = {"name": VIEW_NAME, "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
-    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(envelope))
+def save_view(client: MlflowClient, experiment_id: str, params: Iterable[str], attempts: int = 3) -> None:
+    """Show `params` (MLflow param names) beside the objective in the experiment's saved view.
+
+    Commands started together race to create the tag: MLflow's store reads, then inserts it, and the
+    second insert fails. The loser reads the winner's view and adds its columns to that.
+    """
+    params = list(params)
+    for attempt in range(attempts):
+        stored = client.get_experiment(experiment_id).tags.get(VIEW_TAG)
+        shown = view_columns(stored)
+        wanted = [*MLFLOW_COLUMNS, *(column("metrics", m) for m in METRICS), *(column("tags", t) for t in TAGS)]
+        new_params = [c for c in (column("params", p) for p in params) if c not in shown]
+        columns = [*wanted, *(c for c in shown if c not in wanted), *new_params]
+        if columns == shown:
+            return
+        state = {"selectedColumns": columns}
+        envelope = {"name": VIEW_NAME, "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
+        try:
+            client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(envelope))
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
 
 
 def has_view(tags: dict[str, str]) -> bool:

@@ -52,7 +52,7 @@ WORKER_ATTR = "worker"  # "host:pid" of the process running the trial
 CLAIM_ATTR = "claimed_trial"  # the trial number the worker attribute belongs to (retries copy user attrs)
 FAIL_ATTR = "fail_reason"  # set when a trial failed by itself; such a trial counts and is not retried
 PUBLISHER_ATTR = "publisher"  # study attribute: the worker publishing the results of so many finished trials
-QUEUE_MIN = 32  # queued trials at least, and 4 per running trial: Optuna reads every queued trial on each sync
+QUEUE_MIN = 16  # queued trials at least, and one per running trial: Optuna reads every queued trial on each sync
 WAIT_SECONDS = 2.0  # a worker waiting for others' trials looks again this often (one cheap query)
 PROXY_READY_SECONDS = 10  # how long a worker waits for the storage proxy to answer at its start
 
@@ -89,9 +89,13 @@ def is_database(sweep: SweepConfig) -> bool:
     return "://" in sweep.storage
 
 
-def open_storage(sweep: SweepConfig) -> optuna.storages.BaseStorage:
+def open_storage(sweep: SweepConfig, tables_ready: bool = False) -> optuna.storages.BaseStorage:
     """A journal file (the default: safe for several processes on one machine), a database URL, or the
-    database through Optuna's gRPC proxy (`sweep.storage_proxy`)."""
+    database through Optuna's gRPC proxy (`sweep.storage_proxy`).
+
+    `tables_ready`: the command opened this database before starting its workers, so a worker neither
+    creates Optuna's tables nor checks their schema version again (a few queries and Alembic's scripts).
+    """
     try:
         if not is_database(sweep):
             path = Path(sweep.storage).expanduser()
@@ -101,12 +105,15 @@ def open_storage(sweep: SweepConfig) -> optuna.storages.BaseStorage:
         engine = {"connect_args": {"connect_timeout": 10}} if sweep.storage.startswith("postgresql") else {}
         if sweep.storage_proxy:  # the database keeps only the heartbeat: no pool of idle connections
             engine["poolclass"] = sqlalchemy.pool.NullPool
-        # Optuna creates its tables on first use, and workers doing that at once collide; the lock
+        elif engine:  # one idle connection a worker; the heartbeat thread's comes and goes each minute
+            engine["pool_size"] = 1
+        settings = dict(engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_seconds,
+                        grace_period=2 * sweep.heartbeat_seconds)
+        # Optuna creates its tables on first use, and commands doing that at once collide; the lock
         # makes them take turns.
-        with study_lock(sweep), experimental_ok():
-            database = optuna.storages.RDBStorage(sweep.storage, engine_kwargs=engine,
-                                                  heartbeat_interval=sweep.heartbeat_seconds,
-                                                  grace_period=2 * sweep.heartbeat_seconds)
+        with contextlib.nullcontext() if tables_ready else study_lock(sweep), experimental_ok():
+            database = optuna.storages.RDBStorage(sweep.storage, skip_table_creation=tables_ready,
+                                                  skip_compatibility_check=tables_ready, **settings)
         if not sweep.storage_proxy:
             return database
         with experimental_ok():
@@ -157,7 +164,8 @@ def next_trial(study: optuna.Study, sweep: SweepConfig) -> optuna.Trial | None:
 
 @functools.cache
 def _lock_engine(url: str) -> sqlalchemy.Engine:
-    return sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10})
+    """One connection kept open for the lock: not a new server process and password exchange each time."""
+    return sqlalchemy.create_engine(url, pool_size=1, pool_pre_ping=True, connect_args={"connect_timeout": 10})
 
 
 @contextlib.contextmanager
@@ -317,7 +325,7 @@ def queue_budget(study: optuna.Study, sweep: SweepConfig) -> int:
     A trial takes its place in the budget when it is queued: the budget lacks n_trials minus the trials
     that count, the queued ones, and the interrupted ones whose retry `recover` has still to queue (one
     interrupted while this runs). An interrupted trial with no retry left gives its place to a new trial.
-    The queue is kept short (`QUEUE_MIN`, or 4 per running trial), not the whole budget: every worker's
+    The queue is kept short (`QUEUE_MIN`, or one per running trial), not the whole budget: every worker's
     sync with the storage reads each queued trial, several times a trial.
     """
     trials = study.get_trials(deepcopy=False)
@@ -327,7 +335,7 @@ def queue_budget(study: optuna.Study, sweep: SweepConfig) -> int:
         and (sweep.max_retry is None or len(retry_history(t)) < sweep.max_retry)) for t in trials)
     queued = sum(outcome(t) is Outcome.waiting for t in trials)
     running = sum(t.state is TrialState.RUNNING for t in trials)
-    added = max(0, min(sweep.n_trials - taken, max(QUEUE_MIN, 4 * running) - queued))
+    added = max(0, min(sweep.n_trials - taken, max(QUEUE_MIN, running) - queued))
     for _ in range(added):
         study.enqueue_trial({}, skip_if_exists=False)
     return queued + added

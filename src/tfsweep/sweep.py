@@ -63,7 +63,7 @@ def work(ctx: SweepContext, worker_index: int, show_progress: bool) -> None:
 
 def _run_trials(ctx: SweepContext, show_progress: bool) -> None:
     sweep, started = ctx.sweep, time.monotonic()
-    study = studies.load_study(sweep, studies.open_storage(sweep))
+    study = studies.load_study(sweep, studies.open_storage(sweep, tables_ready=True))  # `run_sweep` opened it
     with tqdm(total=sweep.n_trials, initial=studies.finished_trials(study), unit="trial", desc=sweep.study_name, dynamic_ncols=True,
               disable=None if show_progress else True) as bar, logging_redirect_tqdm():
         # study.optimize is not used: its n_trials is per process and MaxTrialsCallback can overshoot by
