@@ -409,3 +409,38 @@ def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, user_sett
     setting, no_client = result.stdout.split()[-2:]
     assert setting == expected
     assert no_client == "True" or expected == "false"
+
+
+def test_the_stacks_mlflow_pool_lets_every_request_thread_create_a_run_at_once(tmp_path, monkeypatch):
+    """Each of the server's request threads creating a run holds two database connections at the peak."""
+    import threading
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from tfsweep import stack
+
+    for key, value in {**stack.mlflow_pool_env(), "MLFLOW_SQLALCHEMYSTORE_POOL_TIMEOUT": "3"}.items():
+        monkeypatch.setenv(key, value)
+    store = SqlAlchemyStore(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))
+    experiment = store.create_experiment("e")
+    all_inside, read_experiment = threading.Barrier(stack.MLFLOW_THREADS, timeout=30), store.get_experiment
+
+    def get_experiment(experiment_id):  # every thread holds its first connection before any asks again
+        all_inside.wait()
+        return read_experiment(experiment_id)
+
+    monkeypatch.setattr(store, "get_experiment", get_experiment)
+    errors = []
+
+    def create_run():
+        try:
+            store.create_run(experiment, "u", 0, [], "r")
+        except Exception as exc:  # the pool's timeout, when it is too small
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create_run) for _ in range(stack.MLFLOW_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

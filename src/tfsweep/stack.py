@@ -43,6 +43,13 @@ PG_MAX_CONNECTIONS = 1000
 MLFLOW_THREADS = 16  # request threads in each of the MLflow server's 2 processes
 
 
+def mlflow_pool_env() -> dict[str, str]:
+    """The MLflow server's database pool: two connections per request thread. Creating a run reads its
+    experiment in a second session, so with one per thread, 16 run creations at once each held one and
+    waited 30 s for another (`make loadtest ARGS="--proxy"` at 64 workers)."""
+    return {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "5", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(2 * MLFLOW_THREADS - 5)}
+
+
 class StackError(UserError):
     """The local stack cannot be started or used."""
 
@@ -177,10 +184,7 @@ def _start_mlflow(stack: Stack, secrets_: dict[str, str]) -> None:
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_["flask"],  # signs the auth app's CSRF tokens
            # No job runner: seven queue consumers for GenAI evaluation jobs, unused by sweeps, that took
            # memory and CPU from the servers' 2 cores (as in src/ui.py).
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           # A connection per request thread (the default pool of 5 + 10 is one short): requests starved
-           # of CPU at 64 workers held them all and others failed after 30 s waiting for one.
-           "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(MLFLOW_THREADS - 5)}
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **mlflow_pool_env()}
     # Gunicorn serves the Flask app itself; uvicorn (MLflow's default) wraps it in FastAPI and a thread
     # pool, which cost the server ~1.3-1.6x the CPU per sweep trial (docs/loadtest.md).
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
