@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,10 +14,11 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
 from conftest import N_TEST, N_TRAIN, N_VALIDATION, TINY_TRAINING
 
-from tfsweep import logged_model, sweep_tracking, tracking, tracking_store
+from tfsweep import logged_model, stack, sweep_tracking, tracking, tracking_store
 from tfsweep.config import CONFIG_DIR
 from tfsweep.data import load_splits
 from tfsweep.errors import NonFiniteLossError, TrackingError
@@ -413,12 +415,6 @@ def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(tmp_path, user_sett
 
 def test_the_stacks_mlflow_pool_lets_every_request_thread_create_a_run_at_once(tmp_path, monkeypatch):
     """Each of the server's request threads creating a run holds two database connections at the peak."""
-    import threading
-
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    from tfsweep import stack
-
     for key, value in {**stack.mlflow_pool_env(), "MLFLOW_SQLALCHEMYSTORE_POOL_TIMEOUT": "3"}.items():
         monkeypatch.setenv(key, value)
     store = SqlAlchemyStore(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))

@@ -42,13 +42,11 @@ def save_view(client: MlflowClient, experiment_id: str, params: Iterable[str], a
     Commands started together race to create the tag: MLflow's store reads, then inserts it, and the
     second insert fails. The loser reads the winner's view and adds its columns to that.
     """
-    params = list(params)
+    wanted = [*MLFLOW_COLUMNS, *(column("metrics", m) for m in METRICS), *(column("tags", t) for t in TAGS)]
+    params = [column("params", p) for p in params]
     for attempt in range(attempts):
-        stored = client.get_experiment(experiment_id).tags.get(VIEW_TAG)
-        shown = view_columns(stored)
-        wanted = [*MLFLOW_COLUMNS, *(column("metrics", m) for m in METRICS), *(column("tags", t) for t in TAGS)]
-        new_params = [c for c in (column("params", p) for p in params) if c not in shown]
-        columns = [*wanted, *(c for c in shown if c not in wanted), *new_params]
+        shown = view_columns(client.get_experiment(experiment_id).tags.get(VIEW_TAG))
+        columns = [*wanted, *(c for c in shown if c not in wanted), *(c for c in params if c not in shown)]
         if columns == shown:
             return
         state = {"selectedColumns": columns}

@@ -37,7 +37,7 @@ DATABASES = ("optuna", "mlflow", "mlflow_auth")  # the study; MLflow's runs; MLf
 WORKER_USER = "worker"
 ADMIN_USER = "admin"
 READY_TIMEOUT_S = 120
-# Room for ~250 direct workers (3-4 connections each at the peak) and the MLflow server; ~1.6 MB of the
+# Room for ~350 direct workers (2-3 connections each at the peak) and the MLflow server; ~1.6 MB of the
 # server's memory per connection. Workers through the storage proxy hold fewer.
 PG_MAX_CONNECTIONS = 1000
 MLFLOW_THREADS = 16  # request threads in each of the MLflow server's 2 processes

@@ -107,13 +107,14 @@ def open_storage(sweep: SweepConfig, tables_ready: bool = False) -> optuna.stora
             engine["poolclass"] = sqlalchemy.pool.NullPool
         elif engine:  # one idle connection a worker; the heartbeat thread's comes and goes each minute
             engine["pool_size"] = 1
-        settings = dict(engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_seconds,
-                        grace_period=2 * sweep.heartbeat_seconds)
         # Optuna creates its tables on first use, and commands doing that at once collide; the lock
         # makes them take turns.
         with contextlib.nullcontext() if tables_ready else study_lock(sweep), experimental_ok():
-            database = optuna.storages.RDBStorage(sweep.storage, skip_table_creation=tables_ready,
-                                                  skip_compatibility_check=tables_ready, **settings)
+            database = optuna.storages.RDBStorage(sweep.storage, engine_kwargs=engine,
+                                                  skip_table_creation=tables_ready,
+                                                  skip_compatibility_check=tables_ready,
+                                                  heartbeat_interval=sweep.heartbeat_seconds,
+                                                  grace_period=2 * sweep.heartbeat_seconds)
         if not sweep.storage_proxy:
             return database
         with experimental_ok():
